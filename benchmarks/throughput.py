@@ -1,0 +1,521 @@
+"""Side-by-side throughput of stock megatron-core layers, SAT layers and the ideal narrow model.
+
+In one process, on the same shapes and inputs, it times a forward + backward step of a
+stack of transformer layers for:
+
+* ``dense``     stock megatron-core layers (the local Llama spec);
+* ``sat-0``     SAT layers at omission rate 0 (must be the stock path, ≥ 0.99× dense);
+* ``sat-ρ``     SAT layers at ρ ∈ ``--rates`` (maxip importance + Plackett–Luce sampling);
+* ``ideal-ρ``   a dense stock model physically ``1 − ρ`` as wide: fewer heads (MHA), or the
+                same groups with ``k_q`` query heads per group (GQA), and ``k`` channels.
+
+Timing rounds are interleaved (every variant once per round, in a rotating order), so
+machine noise hits all variants alike; medians are reported.  The realised fraction is
+``(SAT speedup − 1) / (ideal speedup − 1)``.
+
+Outputs: a table on stdout, and ``results.json``, ``results.md`` and ``speedup.png``
+(matplotlib, when installed) in ``--output-dir``.
+
+Examples::
+
+    python benchmarks/throughput.py --preset tiny
+    python benchmarks/throughput.py --preset llama2-7b --device cuda --dtype bf16 \\
+        --micro-batch 2 --seq-length 4096 --layers 4
+    python benchmarks/throughput.py --preset tiny --end-to-end
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (str(REPO), str(Path(__file__).resolve().parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+warnings.filterwarnings("ignore", message=".*Apex.*")
+
+import torch  # noqa: E402
+
+from megatron_sat.selection import num_kept  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class BenchShape:
+    """TP-local layer shape plus the default run size of a preset."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int
+    head_dim: int
+    layers: int
+    micro_batch: int
+    seq_length: int
+    note: str = ""
+
+
+BENCH_PRESETS = {
+    # Sized so matmuls dominate on a 2-core CPU while a full run stays ~2 minutes.
+    "tiny": BenchShape(512, 1408, 8, 8, 64, 2, 2, 512, "CPU preset (MHA)"),
+    "tinyllama-1.1b": BenchShape(2048, 5632, 32, 4, 64, 4, 2, 4096, "GQA 32q/4kv"),
+    "llama2-7b": BenchShape(4096, 11008, 32, 32, 128, 4, 2, 4096, "MHA"),
+    "llama2-13b": BenchShape(5120, 13824, 40, 40, 128, 4, 2, 4096, "MHA"),
+    # One TP=8 rank of Llama-2-70B: 64/8 = 8 query heads in 8/8 = 1 KV group, 28672/8
+    # channels; the row-parallel all-reduce is not part of the slice.
+    "llama2-70b-tp8": BenchShape(8192, 3584, 8, 1, 128, 2, 1, 4096, "GQA, TP=8-local slice"),
+}
+
+
+def narrowed(shape: BenchShape, rho_attn: float, rho_mlp: float) -> BenchShape:
+    """The physically narrower dense shape SAT at ``(ρ_attn, ρ_mlp)`` emulates (SAT_SPEC §2-3)."""
+    q = shape.heads // shape.groups
+    if q == 1:  # MHA: whole heads go
+        heads = groups = num_kept(shape.heads, rho_attn)
+    else:  # GQA: keep every group, k_q query heads in each
+        groups = shape.groups
+        heads = groups * num_kept(q, rho_attn)
+    return dataclasses.replace(shape, heads=heads, groups=groups,
+                               ffn=num_kept(shape.ffn, rho_mlp))
+
+
+def layer_flops_per_token(shape: BenchShape, seq: int, kept_q: float = 1.0,
+                          kept_kv: float = 1.0, kept_mlp: float = 1.0) -> float:
+    """Forward + backward FLOPs of one layer per token (SAT_SPEC §6, causal factor ½)."""
+    h, d = shape.hidden, shape.head_dim
+    hq = shape.heads * d * kept_q
+    hkv = shape.groups * d * kept_kv
+    f = shape.ffn * kept_mlp
+    fwd = 2 * h * (hq + 2 * hkv) + 2 * hq * h + 2 * seq * hq * 0.5 * 2 + 3 * 2 * h * f
+    return 3.0 * fwd
+
+
+# ----------------------------------------------------------------------------- building
+def make_config(shape: BenchShape, dtype: torch.dtype):
+    from megatron_sat.model import LlamaShape, transformer_config
+
+    base = LlamaShape(shape.layers, shape.heads * shape.head_dim, shape.ffn, shape.heads,
+                      shape.groups, max_position_embeddings=max(shape.seq_length, 4096))
+    cfg = transformer_config(base, tp=1, params_dtype=dtype, use_cpu_initialization=True)
+    return dataclasses.replace(cfg, hidden_size=shape.hidden, kv_channels=shape.head_dim)
+
+
+def build_block(shape: BenchShape, dtype: torch.dtype, device: torch.device,
+                sat_config=None, attention: str = "sdpa"):
+    """A ``TransformerBlock`` of ``shape.layers`` Llama layers (no final norm)."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from megatron_sat.spec import get_sat_layer_spec
+    from sdpa_core_attention import with_sdpa_core_attention
+
+    spec = get_sat_layer_spec(sat_config)
+    if attention == "sdpa":
+        spec = with_sdpa_core_attention(spec)
+    block = TransformerBlock(make_config(shape, dtype), spec, post_layer_norm=False,
+                             pre_process=True, post_process=False)
+    return block.to(device=device, dtype=dtype).train()
+
+
+def sat_config(rho: float):
+    from megatron_sat.config import SATConfig
+
+    return SATConfig(metric="maxip", selection="sampling", attn_omission_rate=rho,
+                     mlp_omission_rate=rho, schedule="constant", total_iters=10**9)
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # dense | sat | ideal
+    rho: float
+    block: torch.nn.Module
+    shape: BenchShape
+    times: list = dataclasses.field(default_factory=list)
+    select_times: list = dataclasses.field(default_factory=list)
+    memory_bytes: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """Holds the shared inputs and runs one fwd+bwd step of a variant."""
+
+    def __init__(self, shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: int):
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        g = torch.Generator().manual_seed(seed)
+        s, b, h = shape.seq_length, shape.micro_batch, shape.hidden
+        self.device = device
+        self.x = torch.randn(s, b, h, generator=g).to(device=device, dtype=dtype)
+        self.dy = torch.randn(s, b, h, generator=g).to(device=device, dtype=dtype)
+        rope = RotaryEmbedding(kv_channels=shape.head_dim, rotary_percent=1.0,
+                               rotary_base=10000)
+        self.rope = rope(s).to(device)  # [s, 1, 1, d]
+        self.iteration = 0
+
+    def step(self, v: Variant) -> float:
+        from megatron_sat.control import set_sat_iteration
+
+        for p in v.block.parameters():
+            p.grad = None
+        x = self.x.detach().requires_grad_(True)
+        if v.kind == "sat":
+            set_sat_iteration(v.block, self.iteration)  # a fresh draw every step
+        sync(self.device)
+        t0 = time.perf_counter()
+        y = v.block(x, None, rotary_pos_emb=self.rope)
+        y.backward(self.dy)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def selection_time(self, v: Variant) -> float:
+        """Seconds spent choosing heads and channels in every layer (no compute)."""
+        from megatron_sat.control import _sat_modules, set_sat_iteration
+
+        set_sat_iteration(v.block, self.iteration)
+        mods = list(_sat_modules(v.block))
+        x = self.x
+        sync(self.device)
+        t0 = time.perf_counter()
+        for m in mods:
+            m.sat_select(x)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def memory(self, v: Variant) -> tuple[int, str]:
+        """Peak memory of one step: CUDA max allocated, or bytes autograd saves on CPU."""
+        for p in v.block.parameters():
+            p.grad = None
+        x = self.x.detach().requires_grad_(True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            v.block(x, None, rotary_pos_emb=self.rope).backward(self.dy)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base, "cuda-max-allocated-delta"
+        seen, total = set(), 0
+
+        def pack(t):
+            nonlocal total
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key not in seen and not isinstance(t, torch.nn.Parameter):
+                seen.add(key)
+                total += st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = v.block(x, None, rotary_pos_emb=self.rope)
+        params = {p.untyped_storage().data_ptr() for p in v.block.parameters()}
+        y.backward(self.dy)
+        grads = sum(p.grad.untyped_storage().nbytes() for p in v.block.parameters()
+                    if p.grad is not None)
+        del params
+        return total + grads, "cpu-saved-activations+grads"
+
+
+def median_ms(xs) -> float:
+    return 1000.0 * statistics.median(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------- main
+def run_layers(args) -> dict:
+    from megatron_sat.parallel import initialize_parallel
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    base = BENCH_PRESETS[args.preset]
+    shape = dataclasses.replace(
+        base,
+        layers=args.layers or base.layers,
+        micro_batch=args.micro_batch or base.micro_batch,
+        seq_length=args.seq_length or base.seq_length,
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    initialize_parallel(1, seed=args.seed)
+    torch.manual_seed(args.seed)
+
+    variants: list[Variant] = []
+    dense = build_block(shape, dtype, device, None, args.attention)
+    variants.append(Variant("dense", "dense", 0.0, dense, shape))
+    state = dense.state_dict()
+    for rho in [0.0] + list(args.rates):
+        blk = build_block(shape, dtype, device, sat_config(rho), args.attention)
+        blk.load_state_dict(state)  # same weights as the dense stack
+        variants.append(Variant(f"sat-{rho:g}", "sat", rho, blk, shape))
+    for rho in args.rates:
+        nshape = narrowed(shape, rho, rho)
+        variants.append(Variant(f"ideal-{rho:g}", "ideal", rho,
+                                build_block(nshape, dtype, device, None, args.attention), nshape))
+
+    runner = Runner(shape, device, dtype, args.seed)
+    n = len(variants)
+    t_start = time.perf_counter()
+    for it in range(args.warmup + args.iters):
+        runner.iteration = it
+        order = [variants[(it + j) % n] for j in range(n)]  # rotate who goes first
+        for v in order:
+            t = runner.step(v)
+            if it >= args.warmup:
+                v.times.append(t)
+        for v in variants:
+            if v.kind == "sat" and v.rho > 0 and it >= args.warmup:
+                v.select_times.append(runner.selection_time(v))
+        if args.verbose:
+            print(f"round {it + 1}/{args.warmup + args.iters} "
+                  f"({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
+    mem_kind = None
+    for v in variants:
+        v.memory_bytes, mem_kind = runner.memory(v)
+
+    tokens = shape.micro_batch * shape.seq_length
+    t_dense = median_ms(dense_times := variants[0].times)
+    ideal_ms = {v.rho: median_ms(v.times) for v in variants if v.kind == "ideal"}
+    rows = []
+    for v in variants:
+        ms = median_ms(v.times)
+        speed = t_dense / ms
+        ideal_speed = t_dense / ideal_ms[v.rho] if v.rho in ideal_ms else None
+        realised = None
+        if v.kind == "sat" and v.rho > 0 and ideal_speed is not None and ideal_speed != 1:
+            realised = (speed - 1.0) / (ideal_speed - 1.0)
+        q = shape.heads // shape.groups
+        if v.kind == "sat" and v.rho > 0:
+            nshape = narrowed(shape, v.rho, v.rho)
+            kq = nshape.heads / shape.heads
+            kkv = nshape.groups / shape.groups
+            km = nshape.ffn / shape.ffn
+        elif v.kind == "ideal":
+            kq = kkv = km = 1.0
+        else:
+            kq = kkv = km = 1.0
+        fl = layer_flops_per_token(v.shape, shape.seq_length, kq, kkv, km) * shape.layers * tokens
+        rows.append({
+            "variant": v.name, "kind": v.kind, "rho": v.rho,
+            "median_ms": ms,
+            "iqr_ms": [1000 * statistics.quantiles(v.times, n=4)[0],
+                       1000 * statistics.quantiles(v.times, n=4)[2]] if len(v.times) > 1 else None,
+            "tokens_per_s": tokens / (ms / 1000.0),
+            "speedup_vs_dense": speed,
+            "ideal_speedup": ideal_speed if v.kind == "sat" and v.rho > 0 else None,
+            "realised_fraction": realised,
+            "selection_ms": median_ms(v.select_times) if v.select_times else None,
+            "tflops_executed": fl / (ms / 1000.0) / 1e12,
+            "memory_mb": v.memory_bytes / 2**20 if v.memory_bytes is not None else None,
+            "q_per_group": q,
+        })
+    del dense_times
+    sat0 = next(r for r in rows if r["variant"] == "sat-0")
+    return {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "preset": args.preset,
+        "shape": dataclasses.asdict(shape),
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "iters": args.iters, "warmup": args.warmup,
+        "memory_kind": mem_kind,
+        "rate0_ratio": t_dense / sat0["median_ms"],
+        "wall_s": time.perf_counter() - t_start,
+        "rows": rows,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(res: dict) -> str:
+    s = res["shape"]
+    lines = [
+        f"**{res['preset']}** — {res['date']}, {res['device']}, torch {res['torch']}, "
+        f"{res['threads']} threads, {res['dtype']}, attention={res['attention']}",
+        "",
+        f"Shape per layer: hidden {s['hidden']}, ffn {s['ffn']}, {s['heads']} heads / "
+        f"{s['groups']} groups × {s['head_dim']}; {s['layers']} layers, micro-batch "
+        f"{s['micro_batch']} × {s['seq_length']} tokens; {res['iters']} timed rounds after "
+        f"{res['warmup']} warm-up, interleaved.",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        "| variant | ρ | median fwd+bwd ms | tokens/s | speedup | ideal speedup | realised "
+        f"| selection ms | TFLOP/s | memory MB ({res['memory_kind']}) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['rho']:g} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['speedup_vs_dense']:.3f}× | {fmt(r['ideal_speedup'], '.3f')} | "
+            f"{fmt(r['realised_fraction'], '.2f')} | {fmt(r['selection_ms'], '.2f')} | "
+            f"{r['tflops_executed']:.3f} | {fmt(r['memory_mb'], '.1f')} |")
+    lines += ["", f"Rate-0 SAT vs stock: {res['rate0_ratio']:.3f}× "
+                  f"(dense time / SAT-0 time). Wall time {res['wall_s']:.0f} s."]
+    return "\n".join(lines)
+
+
+def chart(res: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG chart (pip install matplotlib)", file=sys.stderr)
+        return False
+    rows = res["rows"]
+    sat = [(0.0, 1.0)] + [(r["rho"], r["speedup_vs_dense"]) for r in rows
+                          if r["kind"] == "sat" and r["rho"] > 0]
+    ideal = [(0.0, 1.0)] + [(r["rho"], r["speedup_vs_dense"]) for r in rows
+                            if r["kind"] == "ideal"]
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ax.plot(*zip(*ideal), "o--", label="ideal (physically narrower dense)")
+    ax.plot(*zip(*sat), "s-", label="SAT (maxip + sampling)")
+    ax.plot([0, 0.75], [1, 4], ":", color="grey", label="1/(1−ρ)")
+    ax.set_xlabel("omission rate ρ")
+    ax.set_ylabel("fwd+bwd speedup vs stock dense")
+    ax.set_title(f"{res['preset']} — {res['device'][:40]}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_end_to_end(args) -> dict:
+    """Time full ``pretrain_llama.py`` steps (optimizer included), dense vs SAT rates."""
+    script = REPO / "pretrain_llama.py"
+    if not script.exists():
+        raise SystemExit(
+            f"--end-to-end needs {script}, which does not exist yet; "
+            "run the layer benchmark without --end-to-end")
+    out_dir = Path(args.output_dir)
+    rows = []
+    configs = [("dense", None)] + [(f"sat-{r:g}", r) for r in args.rates]
+    for name, rho in configs:
+        metrics = out_dir / f"e2e-{name}.jsonl"
+        if metrics.exists():
+            metrics.unlink()
+        cmd = [sys.executable, str(script), "--model", args.e2e_model,
+               "--train-iters", str(args.warmup + args.iters), "--log-interval", "1",
+               "--micro-batch-size", str(args.micro_batch or 1),
+               "--global-batch-size", str(args.micro_batch or 1),
+               "--seq-length", str(args.seq_length or 256),
+               "--metrics-file", str(metrics), "--mock-data"]
+        if args.dtype == "bf16":
+            cmd.append("--bf16")
+        if rho is None:
+            cmd.append("--no-sat")
+        else:
+            cmd += ["--sat-schedule", "constant", "--sat-attn-omission-rate", str(rho),
+                    "--sat-mlp-omission-rate", str(rho)]
+        cmd += args.e2e_extra
+        print("+", " ".join(cmd), file=sys.stderr)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"pretrain_llama.py failed for {name} (rc={proc.returncode}):\n"
+                             f"{proc.stderr[-4000:]}")
+        recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        ms = [r.get("elapsed_ms_per_iteration", r.get("iteration_time_ms")) for r in recs]
+        ms = [m for m in ms[args.warmup:] if m is not None]
+        rows.append({"variant": name, "rho": rho or 0.0, "median_ms": statistics.median(ms)})
+    for r in rows:
+        r["speedup_vs_dense"] = rows[0]["median_ms"] / r["median_ms"]
+    return {"mode": "end-to-end", "date": datetime.date.today().isoformat(),
+            "device": device_name(torch.device(args.device)),
+            "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(BENCH_PRESETS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="timed rounds (default 15 CPU, 30 CUDA)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "stock"],
+                   help="core attention of dense/rate-0/ideal variants: SDPA (same kernel as "
+                        "SAT's sparse path) or megatron-core's DotProductAttention")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--output-dir", default="benchmarks/out")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="time full pretrain_llama.py training steps instead of layers")
+    p.add_argument("--e2e-model", default="tiny")
+    p.add_argument("--e2e-extra", nargs=argparse.REMAINDER, default=[],
+                   help="extra arguments passed to pretrain_llama.py (must come last)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.iters is None:
+        args.iters = 30 if args.device.startswith("cuda") else 15
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.end_to_end:
+        res = run_end_to_end(args)
+        (out / "results-e2e.json").write_text(json.dumps(res, indent=2))
+        for r in res["rows"]:
+            print(f"{r['variant']:>10}  {r['median_ms']:9.1f} ms  {r['speedup_vs_dense']:.3f}×")
+        return res
+    res = run_layers(args)
+    stem = f"{args.preset}-{args.device.split(':')[0]}-{args.dtype}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / f"{stem}.md").write_text(md + "\n")
+    chart(res, out / f"{stem}.png")
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""``SATSelfAttention``: megatron-core self-attention computed on a subset of heads.
+
+SAT_SPEC §2 (head-aligned selection, GQA), §3 (selection, TP-local) and §4 (compute).
+Why a subclass swapped in by ``ModuleSpec``: the parameters, their names and the dense
+path stay megatron-core's own, so checkpoints, TP sharding and converters are unchanged;
+only the training forward at ``ρ > 0`` differs, and at ``ρ = 0`` this *is* the stock layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+
+from megatron_sat import ops
+from megatron_sat.config import SATConfig
+from megatron_sat.importance import attention_unit_scores, neuron_scores, qkv_head_scores
+from megatron_sat.sat_state import SATLayerState
+from megatron_sat.selection import num_kept, select
+
+
+class SATSelfAttention(SelfAttention):
+    """Self-attention that, in training at ``ρ > 0``, keeps only selected heads.
+
+    MHA (one query head per group): whole heads are units; kept heads keep their Q, K,
+    V rows and their ``linear_proj`` columns.  GQA: query heads are units, every local
+    group keeps the same ``k_q`` of them and all K/V heads stay (SAT_SPEC §2).
+    """
+
+    def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
+                 sat_config: Optional[SATConfig] = None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
+                         pg_collection=pg_collection)
+        self.sat_groups = self.num_query_groups_per_partition
+        self.sat_q_per_group = self.num_attention_heads_per_partition // self.sat_groups
+        self.sat_head_dim = self.hidden_size_per_attention_head
+        units = self.sat_groups if self.sat_q_per_group == 1 else self.num_attention_heads_per_partition
+        self.sat_state = SATLayerState(sat_config, "attn", layer_number, self.tp_group, units)
+        if self.sat_state.config.enabled:
+            problems = []
+            if config.num_query_groups % self.world_size:
+                problems.append(f"num_query_groups={config.num_query_groups} is not divisible by "
+                                f"tensor-parallel size {self.world_size}")
+            if config.sequence_parallel:
+                problems.append("sequence_parallel is not supported with SAT; turn it off")
+            if config.attention_output_gate:
+                problems.append("attention_output_gate is not supported with SAT")
+            if self.pg_collection.cp.size() > 1:
+                problems.append("context parallelism is not supported with SAT")
+            for norm in (self.q_layernorm, self.k_layernorm):
+                if norm is not None and not isinstance(norm, IdentityOp):
+                    problems.append("q/k layernorm is not supported with SAT")
+                    break
+            if problems:
+                raise ValueError("SAT attention: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ selection
+    @torch.no_grad()
+    def sat_select(self, hidden_states: torch.Tensor):
+        """Choose the kept heads for this iteration (SAT_SPEC §1–§3).
+
+        Returns ``(kept_groups [g'], kept_q [g', k_q])``: local group indices and, per
+        kept group, the kept query heads' indices within the group.
+        """
+        st, ng, q, d = self.sat_state, self.sat_groups, self.sat_q_per_group, self.sat_head_dim
+        cfg = st.config
+        s = neuron_scores(cfg.metric, self.linear_qkv.weight, hidden_states)  # [ng*(q+2)*d]
+        head_sums = st.dp_average(qkv_head_scores(s, ng, q, d))  # [ng, q+2]
+        units = attention_unit_scores(head_sums)  # [ng, q]
+        gen = st.generator(hidden_states.device)
+        if q == 1:
+            k = num_kept(ng, st.rate)
+            kept_groups = select(units[:, 0], k, cfg.selection, cfg.temperature, gen)  # [k]
+            kept_q = torch.zeros(k, 1, dtype=torch.long, device=units.device)
+            st.record(kept_groups, k, ng)
+        else:
+            k_q = num_kept(q, st.rate)
+            kept_q = select(units, k_q, cfg.selection, cfg.temperature, gen)  # [ng, k_q]
+            kept_groups = torch.arange(ng, device=units.device)
+            st.record(kept_groups.unsqueeze(1) * q + kept_q, ng * k_q, ng * q)
+        return kept_groups, kept_q
+
+    def sat_indices(self, kept_groups: torch.Tensor, kept_q: torch.Tensor):
+        """Rows of fused ``linear_qkv`` and columns of ``linear_proj`` for the kept heads.
+
+        Row order per kept group is ``[kept q heads, k, v]``: the megatron-core fused
+        layout with ``k_q`` query heads, so the result splits like a narrower layer.
+        """
+        q, d = self.sat_q_per_group, self.sat_head_dim
+        dev = kept_groups.device
+        block = (q + 2) * d
+        heads_in_block = torch.cat(  # [g', k_q + 2] head slots within each group block
+            [kept_q, torch.full_like(kept_q[:, :1], q), torch.full_like(kept_q[:, :1], q + 1)], 1)
+        offs = torch.arange(d, device=dev)
+        rows = (kept_groups[:, None, None] * block + heads_in_block[:, :, None] * d
+                + offs).reshape(-1)  # [g' * (k_q + 2) * d]
+        q_heads = kept_groups[:, None] * q + kept_q  # [g', k_q] local query-head ids
+        cols = (q_heads[:, :, None] * d + offs).reshape(-1)  # [g' * k_q * d]
+        return rows, cols
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states, attention_mask, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        if not self.sat_state.active(self.training) or inference_context is not None \
+                or inference_params is not None or packed_seq_params is not None:
+            self.sat_state.mark_dense()
+            return super().forward(
+                hidden_states, attention_mask, key_value_states=key_value_states,
+                inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+                inference_params=inference_params)
+        return self._sat_forward(hidden_states, attention_mask, rotary_pos_emb, attention_bias)
+
+    def _sat_forward(self, hidden_states, attention_mask, rotary_pos_emb, attention_bias):
+        # hidden_states: [sq, b, h], the normalised input of linear_qkv.
+        kept_groups, kept_q = self.sat_select(hidden_states)
+        rows, cols = self.sat_indices(kept_groups, kept_q)
+        g, k_q = kept_q.shape
+        d = self.sat_head_dim
+        x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        qkv = ops.linear_rows(x, self.linear_qkv.weight, rows, self.linear_qkv.bias)
+        sq, b = qkv.shape[:2]
+        qkv = qkv.view(sq, b, g, (k_q + 2) * d)  # [sq, b, g', (k_q + 2) * d]
+        query, key, value = torch.split(qkv, [k_q * d, d, d], dim=3)
+        query = query.reshape(sq, b, g * k_q, d)  # [sq, b, g' * k_q, d]
+
+        if rotary_pos_emb is not None:
+            if not isinstance(rotary_pos_emb, tuple):
+                rotary_pos_emb = (rotary_pos_emb,) * 2
+            q_emb, k_emb = rotary_pos_emb
+            query = apply_rotary_pos_emb(query, q_emb, config=self.config,
+                                         cp_group=self.pg_collection.cp)
+            key = apply_rotary_pos_emb(key, k_emb, config=self.config,
+                                       cp_group=self.pg_collection.cp)
+
+        context = self._sat_core_attention(query, key, value, attention_mask, attention_bias)
+        # context: [sq, b, g' * k_q * d] -> kept columns of linear_proj, then TP reduce.
+        out = ops.linear_cols(context, self.linear_proj.weight, cols)  # [sq, b, h]
+        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        bias = self.linear_proj.bias
+        if bias is not None and not self.linear_proj.skip_bias_add:
+            return out + bias, None
+        return out, bias
+
+    def _sat_core_attention(self, query, key, value, attention_mask, attention_bias):
+        """Scaled-dot-product attention over the kept heads (flash kernels on GPU).
+
+        query ``[sq, b, nq, d]``, key/value ``[sk, b, nkv, d]`` → ``[sq, b, nq * d]``.
+        """
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by SAT attention")
+        q = query.permute(1, 2, 0, 3)  # [b, nq, sq, d]
+        k = key.permute(1, 2, 0, 3)  # [b, nkv, sk, d]
+        v = value.permute(1, 2, 0, 3)
+        if q.shape[1] != k.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        mask, causal = None, False
+        if attention_mask is None:
+            causal = self.attn_mask_type == AttnMaskType.causal
+        else:
+            mask = ~attention_mask.bool()  # megatron: True = masked out; SDPA: True = attend
+        scale = self.config.softmax_scale
+        if scale is None:
+            scale = self.sat_head_dim ** -0.5
+        p = self.config.attention_dropout if self.training else 0.0
+        if p > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                     is_causal=causal, scale=scale)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 scale=scale)
+        sq, b = query.shape[:2]
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, nq * d]
+
+    def sat_external_parameters(self):
+        """Parameters this module reads directly in the SAT path (ZeRO-3 must gather them)."""
+        params = [self.linear_qkv.weight, self.linear_proj.weight]
+        params += [p for p in (self.linear_qkv.bias, self.linear_proj.bias) if p is not None]
+        return params

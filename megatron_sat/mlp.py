@@ -1,0 +1,87 @@
+"""``SATMLP``: megatron-core SwiGLU MLP computed on a subset of channels.
+
+SAT_SPEC §2 (channel = row ``c`` of gate and up, column ``c`` of ``linear_fc2``),
+§3 (selection among the channels local to this TP rank) and §4 (compute).
+Why a subclass: parameters and the dense path stay megatron-core's; at ``ρ = 0`` or in
+evaluation this is the stock ``MLP``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+from megatron_sat import ops
+from megatron_sat.config import SATConfig
+from megatron_sat.importance import mlp_channel_scores, neuron_scores
+from megatron_sat.sat_state import SATLayerState
+from megatron_sat.selection import num_kept, select
+
+
+class SATMLP(MLP):
+    """SwiGLU MLP that, in training at ``ρ > 0``, keeps only selected channels."""
+
+    def __init__(self, config, submodules: MLPSubmodules, is_expert: bool = False,
+                 input_size=None, ffn_hidden_size=None, tp_group=None,
+                 sat_config: Optional[SATConfig] = None, layer_number: int = 1):
+        super().__init__(config=config, submodules=submodules, is_expert=is_expert,
+                         input_size=input_size, ffn_hidden_size=ffn_hidden_size,
+                         tp_group=tp_group)
+        self.sat_channels = self.linear_fc2.weight.shape[1]  # f_local
+        self.sat_state = SATLayerState(sat_config, "mlp", layer_number, self.tp_group,
+                                       self.sat_channels)
+        if self.sat_state.config.enabled:
+            problems = []
+            if not (config.gated_linear_unit and config.activation_func is F.silu):
+                problems.append("SAT MLP needs a SwiGLU MLP (gated_linear_unit=True, silu)")
+            if config.sequence_parallel:
+                problems.append("sequence_parallel is not supported with SAT; turn it off")
+            if is_expert:
+                problems.append("MoE experts are not supported with SAT")
+            if problems:
+                raise ValueError("SAT MLP: " + "; ".join(problems))
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Re-key the selection stream; the spec builder passes the real layer number."""
+        self.sat_state.layer_key = 2 * (layer_number - 1) + 1
+
+    @torch.no_grad()
+    def sat_select(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Kept local channels ``[k]`` for this iteration (SAT_SPEC §1–§3)."""
+        st = self.sat_state
+        cfg = st.config
+        s = neuron_scores(cfg.metric, self.linear_fc1.weight, hidden_states)  # [2f]
+        s = st.dp_average(s.view(2, -1)).view(-1)
+        channels = mlp_channel_scores(s)  # [f]
+        k = num_kept(self.sat_channels, st.rate)
+        kept = select(channels, k, cfg.selection, cfg.temperature, st.generator(s.device))
+        st.record(kept, k, self.sat_channels)
+        return kept
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if not self.sat_state.active(self.training) or per_token_scale is not None:
+            self.sat_state.mark_dense()
+            return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
+        # hidden_states: [s, b, h], the normalised input of linear_fc1.
+        kept = self.sat_select(hidden_states)  # [k]
+        rows = torch.cat([kept, kept + self.sat_channels])  # gate rows, then up rows
+        x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        fc1 = ops.linear_rows(x, self.linear_fc1.weight, rows, self.linear_fc1.bias)  # [s, b, 2k]
+        gate, up = torch.chunk(fc1, 2, dim=-1)
+        inter = F.silu(gate) * up  # [s, b, k]
+        out = ops.linear_cols(inter, self.linear_fc2.weight, kept)  # [s, b, h]
+        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, self.linear_fc2.bias
+
+    def sat_external_parameters(self):
+        """Parameters this module reads directly in the SAT path (ZeRO-3 must gather them)."""
+        params = [self.linear_fc1.weight, self.linear_fc2.weight]
+        params += [p for p in (self.linear_fc1.bias, self.linear_fc2.bias) if p is not None]
+        return params

@@ -1,0 +1,26 @@
+"""Shared test set-up: quiet warnings, one single-process megatron group per session."""
+
+import os
+import warnings
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+warnings.filterwarnings("ignore", message=".*Apex.*")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def megatron_single():
+    """megatron-core parallel state for one process (TP=1, DP=1) on gloo."""
+    from megatron_sat.parallel import initialize_parallel
+
+    initialize_parallel(tensor_model_parallel_size=1, seed=1234)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(1)
+    yield
