@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv with a pinned CPU/CUDA torch first, then megatron-sat and its extras.
+# Idempotent: re-runs only when setup.py or constraints.txt changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+STAMP="$VENV/.megatron_sat_stamp"
+WANT=$(cat setup.py constraints.txt | sha256sum | cut -d' ' -f1)
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  exit 0
+fi
+echo "[bootstrap] creating $VENV (torch pinned by constraints.txt) ..." >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+"$VENV/bin/python" -m pip install -q -c constraints.txt "$(grep '^torch==' constraints.txt)" 2>&1 \
+  | grep -v "is ignored" >&2 || true
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" >&2 || true
+"$VENV/bin/python" -c "import torch, megatron.core, deepspeed, sentencepiece" 2>/dev/null \
+  || { echo "[bootstrap] error: the install failed; see pip output above" >&2; exit 1; }
+echo "$WANT" > "$STAMP"
+echo "[bootstrap] done: $("$VENV/bin/python" -c 'import torch;print("torch", torch.__version__)')" >&2
