@@ -10,7 +10,7 @@ the very same kernel and the comparison isolates what SAT itself costs and saves
 
 from __future__ import annotations
 
-import torch
+import copy
 
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -32,7 +32,8 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPACoreAttention supports neither attention_bias nor packed sequences")
+            raise ValueError("SDPACoreAttention supports neither attention_bias "
+                             "nor packed sequences")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         p = self.dropout if self.training else 0.0
@@ -42,11 +43,9 @@ class SDPACoreAttention(MegatronModule):
 
 def with_sdpa_core_attention(spec):
     """A copy of a layer ``ModuleSpec`` whose core attention is :class:`SDPACoreAttention`."""
-    import copy
-
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
 
-__all__ = ["SDPACoreAttention", "with_sdpa_core_attention", "torch"]
+__all__ = ["SDPACoreAttention", "with_sdpa_core_attention"]

@@ -13,8 +13,12 @@ Timing rounds are interleaved (every variant once per round, in a rotating order
 machine noise hits all variants alike; medians are reported.  The realised fraction is
 ``(SAT speedup − 1) / (ideal speedup − 1)``.
 
-Outputs: a table on stdout, and ``results.json``, ``results.md`` and ``speedup.png``
-(matplotlib, when installed) in ``--output-dir``.
+``--naive`` adds ``naive-ρ`` rows: the same SAT layers with the slices taken by autograd
+through ``index_select`` (the unoptimised ops), for before/after comparisons.
+
+Outputs: a table on stdout, and ``<preset>-<device>-<dtype>.json``, ``.md`` and ``.png``
+(speedup vs omission rate, SAT vs ideal; needs matplotlib) in ``--output-dir``.
+``--end-to-end`` instead times whole ``pretrain_llama.py`` training steps.
 
 Examples::
 
@@ -39,7 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 for p in (str(REPO), str(Path(__file__).resolve().parent)):
@@ -48,6 +52,11 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
+warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+import logging  # noqa: E402
+
+# megatron-core warns "Unknown MLP type" for every SAT layer it builds; not news here.
+logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
@@ -83,7 +92,7 @@ BENCH_PRESETS = {
 
 
 def narrowed(shape: BenchShape, rho_attn: float, rho_mlp: float) -> BenchShape:
-    """The physically narrower dense shape SAT at ``(ρ_attn, ρ_mlp)`` emulates (SAT_SPEC §2-3)."""
+    """The physically narrower dense shape that SAT at ``(ρ_attn, ρ_mlp)`` emulates (§2-3)."""
     q = shape.heads // shape.groups
     if q == 1:  # MHA: whole heads go
         heads = groups = num_kept(shape.heads, rho_attn)
@@ -111,8 +120,12 @@ def make_config(shape: BenchShape, dtype: torch.dtype):
 
     base = LlamaShape(shape.layers, shape.heads * shape.head_dim, shape.ffn, shape.heads,
                       shape.groups, max_position_embeddings=max(shape.seq_length, 4096))
-    cfg = transformer_config(base, tp=1, params_dtype=dtype, use_cpu_initialization=True)
-    return dataclasses.replace(cfg, hidden_size=shape.hidden, kv_channels=shape.head_dim)
+    cfg = transformer_config(base, tp=1, params_dtype=dtype)
+    # bias_activation_fusion off: the stock MLP would otherwise torch.compile a fused SwiGLU
+    # on GPU (minutes of compile per width) that SAT's path does not use; with it off
+    # every variant runs the same eager silu(gate) * up.
+    return dataclasses.replace(cfg, hidden_size=shape.hidden, kv_channels=shape.head_dim,
+                               bias_activation_fusion=False)
 
 
 def build_block(shape: BenchShape, dtype: torch.dtype, device: torch.device,
@@ -141,16 +154,37 @@ def sat_config(rho: float):
 @dataclass
 class Variant:
     name: str
-    kind: str  # dense | sat | ideal
+    kind: str  # dense | sat | naive | ideal
     rho: float
     block: torch.nn.Module
     shape: BenchShape
     times: list = dataclasses.field(default_factory=list)
+    cpu_times: list = dataclasses.field(default_factory=list)
     select_times: list = dataclasses.field(default_factory=list)
     memory_bytes: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------- timing
+class naive_ops:
+    """Swap the sliced ops for autograd through ``index_select`` (the pre-#5 path)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from megatron_sat import ops
+
+        if self.on:
+            self.saved = ops.linear_rows, ops.linear_cols
+            ops.linear_rows, ops.linear_cols = ops.linear_rows_reference, ops.linear_cols_reference
+
+    def __exit__(self, *exc):
+        from megatron_sat import ops
+
+        if self.on:
+            ops.linear_rows, ops.linear_cols = self.saved
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -172,20 +206,21 @@ class Runner:
         self.rope = rope(s).to(device)  # [s, 1, 1, d]
         self.iteration = 0
 
-    def step(self, v: Variant) -> float:
+    def step(self, v: Variant) -> tuple[float, float]:
         from megatron_sat.control import set_sat_iteration
 
         for p in v.block.parameters():
             p.grad = None
         x = self.x.detach().requires_grad_(True)
-        if v.kind == "sat":
+        if v.kind in ("sat", "naive"):
             set_sat_iteration(v.block, self.iteration)  # a fresh draw every step
-        sync(self.device)
-        t0 = time.perf_counter()
-        y = v.block(x, None, rotary_pos_emb=self.rope)
-        y.backward(self.dy)
-        sync(self.device)
-        return time.perf_counter() - t0
+        with naive_ops(v.kind == "naive"):
+            sync(self.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            y = v.block(x, None, rotary_pos_emb=self.rope)
+            y.backward(self.dy)
+            sync(self.device)
+            return time.perf_counter() - t0, time.process_time() - c0
 
     def selection_time(self, v: Variant) -> float:
         """Seconds spent choosing heads and channels in every layer (no compute)."""
@@ -264,6 +299,8 @@ def run_layers(args) -> dict:
         blk = build_block(shape, dtype, device, sat_config(rho), args.attention)
         blk.load_state_dict(state)  # same weights as the dense stack
         variants.append(Variant(f"sat-{rho:g}", "sat", rho, blk, shape))
+        if args.naive and rho > 0:
+            variants.append(Variant(f"naive-{rho:g}", "naive", rho, blk, shape))
     for rho in args.rates:
         nshape = narrowed(shape, rho, rho)
         variants.append(Variant(f"ideal-{rho:g}", "ideal", rho,
@@ -271,14 +308,16 @@ def run_layers(args) -> dict:
 
     runner = Runner(shape, device, dtype, args.seed)
     n = len(variants)
+    load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
     for it in range(args.warmup + args.iters):
         runner.iteration = it
         order = [variants[(it + j) % n] for j in range(n)]  # rotate who goes first
         for v in order:
-            t = runner.step(v)
+            t, c = runner.step(v)
             if it >= args.warmup:
                 v.times.append(t)
+                v.cpu_times.append(c)
         for v in variants:
             if v.kind == "sat" and v.rho > 0 and it >= args.warmup:
                 v.select_times.append(runner.selection_time(v))
@@ -287,10 +326,13 @@ def run_layers(args) -> dict:
                   f"({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
     mem_kind = None
     for v in variants:
-        v.memory_bytes, mem_kind = runner.memory(v)
+        with naive_ops(v.kind == "naive"):
+            v.memory_bytes, mem_kind = runner.memory(v)
 
     tokens = shape.micro_batch * shape.seq_length
-    t_dense = median_ms(dense_times := variants[0].times)
+    t_dense = median_ms(variants[0].times)
+    c_dense = median_ms(variants[0].cpu_times)
+    ideal_cpu = {v.rho: median_ms(v.cpu_times) for v in variants if v.kind == "ideal"}
     ideal_ms = {v.rho: median_ms(v.times) for v in variants if v.kind == "ideal"}
     rows = []
     for v in variants:
@@ -298,39 +340,55 @@ def run_layers(args) -> dict:
         speed = t_dense / ms
         ideal_speed = t_dense / ideal_ms[v.rho] if v.rho in ideal_ms else None
         realised = None
-        if v.kind == "sat" and v.rho > 0 and ideal_speed is not None and ideal_speed != 1:
+        sparse = v.kind in ("sat", "naive") and v.rho > 0
+        if sparse and ideal_speed is not None and ideal_speed != 1:
             realised = (speed - 1.0) / (ideal_speed - 1.0)
         q = shape.heads // shape.groups
-        if v.kind == "sat" and v.rho > 0:
+        kq = kkv = km = 1.0  # dense and ideal: v.shape is already the executed width
+        if sparse:
             nshape = narrowed(shape, v.rho, v.rho)
             kq = nshape.heads / shape.heads
             kkv = nshape.groups / shape.groups
             km = nshape.ffn / shape.ffn
-        elif v.kind == "ideal":
-            kq = kkv = km = 1.0
-        else:
-            kq = kkv = km = 1.0
         fl = layer_flops_per_token(v.shape, shape.seq_length, kq, kkv, km) * shape.layers * tokens
+        # Paired per round: every variant of a round ran back to back, so a ratio within a
+        # round cancels load that drifts between rounds; the median of those ratios.
+        dense_r = variants[0].times
+        paired = statistics.median(d / t for d, t in zip(dense_r, v.times))
+        paired_realised = None
+        if sparse and v.rho in ideal_ms:
+            ideal_r = next(u.times for u in variants if u.kind == "ideal" and u.rho == v.rho)
+            paired_realised = statistics.median(
+                (d / t - 1.0) / (d / i - 1.0) for d, t, i in zip(dense_r, v.times, ideal_r)
+                if d != i)
         rows.append({
             "variant": v.name, "kind": v.kind, "rho": v.rho,
+            "paired_speedup": paired,
+            "paired_realised_fraction": paired_realised,
             "median_ms": ms,
             "iqr_ms": [1000 * statistics.quantiles(v.times, n=4)[0],
                        1000 * statistics.quantiles(v.times, n=4)[2]] if len(v.times) > 1 else None,
             "tokens_per_s": tokens / (ms / 1000.0),
             "speedup_vs_dense": speed,
-            "ideal_speedup": ideal_speed if v.kind == "sat" and v.rho > 0 else None,
+            "ideal_speedup": ideal_speed if sparse else None,
             "realised_fraction": realised,
+            # CPU only: process CPU time, robust when other jobs share the cores.
+            "cpu_time_ms": median_ms(v.cpu_times),
+            "cpu_time_speedup": c_dense / median_ms(v.cpu_times),
+            "cpu_time_realised_fraction": (
+                (c_dense / median_ms(v.cpu_times) - 1) / (c_dense / ideal_cpu[v.rho] - 1)
+                if sparse and v.rho in ideal_cpu and ideal_cpu[v.rho] != c_dense else None),
             "selection_ms": median_ms(v.select_times) if v.select_times else None,
             "tflops_executed": fl / (ms / 1000.0) / 1e12,
             "memory_mb": v.memory_bytes / 2**20 if v.memory_bytes is not None else None,
             "q_per_group": q,
         })
-    del dense_times
     sat0 = next(r for r in rows if r["variant"] == "sat-0")
     return {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "device": device_name(device),
+        "device_type": device.type,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "preset": args.preset,
@@ -341,6 +399,7 @@ def run_layers(args) -> dict:
         "memory_kind": mem_kind,
         "rate0_ratio": t_dense / sat0["median_ms"],
         "wall_s": time.perf_counter() - t_start,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
     }
 
@@ -365,6 +424,7 @@ def fmt(x, spec):
 
 def markdown(res: dict) -> str:
     s = res["shape"]
+    cpu = not res["device_type"] == "cuda"
     lines = [
         f"**{res['preset']}** — {res['date']}, {res['device']}, torch {res['torch']}, "
         f"{res['threads']} threads, {res['dtype']}, attention={res['attention']}",
@@ -377,17 +437,29 @@ def markdown(res: dict) -> str:
         f"Command: `{res['command']}`",
         "",
         "| variant | ρ | median fwd+bwd ms | tokens/s | speedup | ideal speedup | realised "
-        f"| selection ms | TFLOP/s | memory MB ({res['memory_kind']}) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| paired speedup | paired realised | selection ms | TFLOP/s | memory MB |"
+        + (" CPU-time speedup | CPU-time realised |" if cpu else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else ""),
     ]
     for r in res["rows"]:
-        lines.append(
+        line = (
             f"| {r['variant']} | {r['rho']:g} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r['speedup_vs_dense']:.3f}× | {fmt(r['ideal_speedup'], '.3f')} | "
-            f"{fmt(r['realised_fraction'], '.2f')} | {fmt(r['selection_ms'], '.2f')} | "
+            f"{fmt(r['realised_fraction'], '.2f')} | {r['paired_speedup']:.3f}× | "
+            f"{fmt(r['paired_realised_fraction'], '.2f')} | {fmt(r['selection_ms'], '.2f')} | "
             f"{r['tflops_executed']:.3f} | {fmt(r['memory_mb'], '.1f')} |")
-    lines += ["", f"Rate-0 SAT vs stock: {res['rate0_ratio']:.3f}× "
-                  f"(dense time / SAT-0 time). Wall time {res['wall_s']:.0f} s."]
+        if cpu:
+            line += (f" {r['cpu_time_speedup']:.3f}× | "
+                     f"{fmt(r['cpu_time_realised_fraction'], '.2f')} |")
+        lines.append(line)
+    lines += ["", f"Memory: {res['memory_kind']}. Speedup: median stock-dense time / median "
+                  "variant time; realised = (SAT speedup − 1) / (ideal speedup − 1). "
+                  "Paired: the median over rounds of the same ratios taken within each round. "
+                  "CPU-time: process CPU time instead of wall time (insensitive to other jobs)."]
+    lines += [f"Rate-0 SAT vs stock: {res['rate0_ratio']:.3f}× "
+                  f"(dense time / SAT-0 time). Wall time {res['wall_s']:.0f} s; 1-min load "
+                  f"average {res['load_average_1min'][0]} before, {res['load_average_1min'][1]} "
+                  f"after (the machine has {os.cpu_count()} cores)."]
     return "\n".join(lines)
 
 
@@ -408,7 +480,12 @@ def chart(res: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.plot(*zip(*ideal), "o--", label="ideal (physically narrower dense)")
     ax.plot(*zip(*sat), "s-", label="SAT (maxip + sampling)")
-    ax.plot([0, 0.75], [1, 4], ":", color="grey", label="1/(1−ρ)")
+    top = max(r for r, _ in ideal + sat)
+    grid = [top * i / 50 for i in range(51)]
+    ax.plot(grid, [1 / (1 - r) for r in grid], ":", color="grey", label="1/(1−ρ) (FLOPs only)")
+    naive = [(r["rho"], r["speedup_vs_dense"]) for r in rows if r["kind"] == "naive"]
+    if naive:
+        ax.plot(*zip(*([(0.0, 1.0)] + naive)), "x:", label="SAT, naive index_select ops")
     ax.set_xlabel("omission rate ρ")
     ax.set_ylabel("fwd+bwd speedup vs stock dense")
     ax.set_title(f"{res['preset']} — {res['device'][:40]}", fontsize=9)
@@ -420,48 +497,101 @@ def chart(res: dict, path: Path) -> bool:
     return True
 
 
+def write_random_dataset(prefix: Path, vocab: int, n_docs: int, doc_len: int, seed: int) -> None:
+    """A Megatron ``.bin/.idx`` pair of random tokens (REFERENCE §3 layout), for timing only."""
+    import numpy as np
+    import struct
+
+    rng = np.random.default_rng(seed)
+    dtype, code = (np.uint16, 8) if vocab < 65500 else (np.int32, 4)
+    docs = rng.integers(3, vocab, size=(n_docs, doc_len)).astype(dtype)
+    docs[:, -1] = 2  # end of document
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    docs.tofile(str(prefix) + ".bin")
+    sizes = np.full(n_docs, doc_len, dtype=np.int32)
+    pointers = np.arange(n_docs, dtype=np.int64) * doc_len * np.dtype(dtype).itemsize
+    with open(str(prefix) + ".idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00")
+        f.write(struct.pack("<Q", 1))
+        f.write(struct.pack("<B", code))
+        f.write(struct.pack("<Q", n_docs))
+        f.write(struct.pack("<Q", n_docs + 1))
+        f.write(sizes.tobytes())
+        f.write(pointers.tobytes())
+        f.write(np.arange(n_docs + 1, dtype=np.int64).tobytes())
+
+
 def run_end_to_end(args) -> dict:
-    """Time full ``pretrain_llama.py`` steps (optimizer included), dense vs SAT rates."""
+    """Time full ``pretrain_llama.py`` steps (DeepSpeed optimizer step included).
+
+    Each variant is one subprocess on the same random-token data; the per-iteration
+    time comes from the trainer's ``--metrics-file`` (``kind == "train"`` records,
+    ``--log-interval 1``); the first ``--warmup`` iterations are dropped.
+    """
     script = REPO / "pretrain_llama.py"
     if not script.exists():
-        raise SystemExit(
-            f"--end-to-end needs {script}, which does not exist yet; "
-            "run the layer benchmark without --end-to-end")
-    out_dir = Path(args.output_dir)
+        raise SystemExit(f"--end-to-end needs {script}, which does not exist in this checkout")
+    from megatron_sat.model import PRESETS
+
+    out_dir = Path(args.output_dir).resolve()
+    seq = args.seq_length or 256
+    mb = args.micro_batch or 2
+    iters = args.warmup + args.iters
+    shape = PRESETS[args.e2e_model]
+    prefix = out_dir / "e2e-data" / "random_text_document"
+    write_random_dataset(prefix, shape.vocab_size, n_docs=max(64, 2 * iters * mb),
+                         doc_len=seq + 1, seed=args.seed)
     rows = []
-    configs = [("dense", None)] + [(f"sat-{r:g}", r) for r in args.rates]
-    for name, rho in configs:
+    for rho in [None] + list(args.rates):
+        name = "dense" if rho is None else f"sat-{rho:g}"
         metrics = out_dir / f"e2e-{name}.jsonl"
         if metrics.exists():
             metrics.unlink()
         cmd = [sys.executable, str(script), "--model", args.e2e_model,
-               "--train-iters", str(args.warmup + args.iters), "--log-interval", "1",
-               "--micro-batch-size", str(args.micro_batch or 1),
-               "--global-batch-size", str(args.micro_batch or 1),
-               "--seq-length", str(args.seq_length or 256),
-               "--metrics-file", str(metrics), "--mock-data"]
+               "--train-iters", str(iters), "--log-interval", "1",
+               "--micro-batch-size", str(mb), "--global-batch-size", str(mb),
+               "--seq-length", str(seq), "--data-path", str(prefix), "--split", "100,0,0",
+               "--data-cache-path", str(out_dir / "e2e-cache"), "--eval-iters", "0",
+               "--metrics-file", str(metrics), "--seed", str(args.seed)]
         if args.dtype == "bf16":
             cmd.append("--bf16")
-        if rho is None:
-            cmd.append("--no-sat")
-        else:
-            cmd += ["--sat-schedule", "constant", "--sat-attn-omission-rate", str(rho),
+        if rho is not None:
+            cmd += ["--sat", "--sat-schedule", "constant", "--sat-attn-omission-rate", str(rho),
                     "--sat-mlp-omission-rate", str(rho)]
         cmd += args.e2e_extra
         print("+", " ".join(cmd), file=sys.stderr)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        env = dict(os.environ)
+        if not args.device.startswith("cuda"):  # same thread policy as the layer benchmark
+            env["OMP_NUM_THREADS"] = str(args.threads or 1)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"pretrain_llama.py failed for {name} (rc={proc.returncode}):\n"
-                             f"{proc.stderr[-4000:]}")
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        ms = [r.get("elapsed_ms_per_iteration", r.get("iteration_time_ms")) for r in recs]
-        ms = [m for m in ms[args.warmup:] if m is not None]
-        rows.append({"variant": name, "rho": rho or 0.0, "median_ms": statistics.median(ms)})
+        ms = [r["ms_per_iter"] for r in recs if r.get("kind") == "train"][args.warmup:]
+        if not ms:
+            raise SystemExit(f"{metrics}: no timed iterations after {args.warmup} warm-up")
+        med = statistics.median(ms)
+        rows.append({"variant": name, "rho": rho or 0.0, "median_ms": med,
+                     "iterations": len(ms), "tokens_per_s": mb * seq / (med / 1e3)})
     for r in rows:
         r["speedup_vs_dense"] = rows[0]["median_ms"] / r["median_ms"]
     return {"mode": "end-to-end", "date": datetime.date.today().isoformat(),
-            "device": device_name(torch.device(args.device)),
+            "device": device_name(torch.device(args.device)), "model": args.e2e_model,
+            "micro_batch": mb, "seq_length": seq, "dtype": args.dtype,
             "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
+
+
+def markdown_e2e(res: dict) -> str:
+    lines = [f"**end-to-end `pretrain_llama.py --model {res['model']}`** — {res['date']}, "
+             f"{res['device']}, {res['dtype']}, micro-batch {res['micro_batch']} × "
+             f"{res['seq_length']} (one process, optimizer step included)", "",
+             f"Command: `{res['command']}`", "",
+             "| variant | median ms/iter | tokens/s | speedup |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['speedup_vs_dense']:.3f}× |")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -480,7 +610,11 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "stock"],
                    help="core attention of dense/rate-0/ideal variants: SDPA (same kernel as "
                         "SAT's sparse path) or megatron-core's DotProductAttention")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--naive", action="store_true",
+                   help="also time SAT through autograd index_select (the unoptimised ops)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on CPU: with 2 OpenMP threads one busy "
+                        "core stalls every GEMM and the medians stop meaning anything)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--output-dir", default="benchmarks/out")
     p.add_argument("--end-to-end", action="store_true",
@@ -492,20 +626,27 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.threads is None and not args.device.startswith("cuda") and not args.end_to_end:
+        args.threads = 1
     if args.iters is None:
         args.iters = 30 if args.device.startswith("cuda") else 15
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return main_with(parse_args(argv))
+
+
+def main_with(args):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.end_to_end:
         res = run_end_to_end(args)
-        (out / "results-e2e.json").write_text(json.dumps(res, indent=2))
-        for r in res["rows"]:
-            print(f"{r['variant']:>10}  {r['median_ms']:9.1f} ms  {r['speedup_vs_dense']:.3f}×")
+        stem = f"e2e-{args.e2e_model}-{args.device.split(':')[0]}-{args.dtype}"
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=2))
+        md = markdown_e2e(res)
+        (out / f"{stem}.md").write_text(md + "\n")
+        print(md)
         return res
     res = run_layers(args)
     stem = f"{args.preset}-{args.device.split(':')[0]}-{args.dtype}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.tensor_parallel.mappings import (
@@ -165,31 +164,16 @@ class SATSelfAttention(SelfAttention):
         """
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SAT attention")
-        q = query.permute(1, 2, 0, 3)  # [b, nq, sq, d]
-        k = key.permute(1, 2, 0, 3)  # [b, nkv, sk, d]
-        v = value.permute(1, 2, 0, 3)
-        if q.shape[1] != k.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        mask, causal = None, False
-        if attention_mask is None:
-            causal = self.attn_mask_type == AttnMaskType.causal
-        else:
-            mask = ~attention_mask.bool()  # megatron: True = masked out; SDPA: True = attend
+        causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal
         scale = self.config.softmax_scale
         if scale is None:
             scale = self.sat_head_dim ** -0.5
         p = self.config.attention_dropout if self.training else 0.0
         if p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                     is_causal=causal, scale=scale)
-        else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 scale=scale)
-        sq, b = query.shape[:2]
-        return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, nq * d]
+                return ops.attention(query, key, value, attention_mask, causal=causal,
+                                     scale=scale, dropout_p=p)
+        return ops.attention(query, key, value, attention_mask, causal=causal, scale=scale)
 
     def sat_external_parameters(self):
         """Parameters this module reads directly in the SAT path (ZeRO-3 must gather them)."""

@@ -34,11 +34,12 @@ def neuron_scores(metric: str, weight: torch.Tensor, inputs: torch.Tensor | None
     if inputs is None or inputs.shape[-1] != d_in:
         raise ValueError(f"metric {metric!r} needs inputs [..., {d_in}], got "
                          f"{None if inputs is None else tuple(inputs.shape)}")
-    x = inputs.reshape(-1, d_in).float()  # [n, d_in]
+    x = inputs.reshape(-1, d_in)  # [n, d_in]; reductions accumulate in >= fp32, no copy
+    acc = torch.promote_types(x.dtype, torch.float32)
     if metric == "wanda":
-        col_norm = torch.linalg.vector_norm(x, dim=0)  # [d_in]: ‖X[:, i]‖₂
+        col_norm = torch.linalg.vector_norm(x, dim=0, dtype=acc).float()  # [d_in]: ‖X[:, i]‖₂
         return w.abs() @ col_norm  # [d_out]
-    x_mean = x.mean(dim=0)  # [d_in]: x̄
+    x_mean = x.mean(dim=0, dtype=acc).float()  # [d_in]: x̄
     return (w @ x_mean).abs()  # [d_out]: |x̄ · W[j]|
 
 

@@ -12,26 +12,138 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def _inverse_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``inv[j] = position of j in idx``, or ``len(idx)`` (the zero slot) when j is not kept."""
+    k = idx.numel()
+    inv = torch.full((n,), k, dtype=torch.long, device=idx.device)
+    return inv.index_put_((idx,), torch.arange(k, device=idx.device))
+
+
+def _slice_grad_to_full(dy2: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, n: int,
+                        dim: int, padded_gemm: Optional[bool] = None) -> torch.Tensor:
+    """The full-size weight gradient whose kept slice (along ``dim``) is ``dy2ᵀ @ x2``.
+
+    The slice GEMM writes straight into a buffer with one extra, zeroed slot; one gather
+    (``index_select`` with the inverse index) then lays out the full gradient: every
+    element is written once, no separate zero fill of the full tensor, no ``index_add_``
+    atomics, no strided scatter.  Deterministic.  ``padded_gemm`` (default: on CUDA)
+    lets the column-slice GEMM write into the padded buffer directly.
+    """
+    k = idx.numel()
+    if dim == 0:  # kept rows: slice is [k, d_in]
+        buf = dy2.new_empty(k + 1, x2.shape[1])
+        torch.mm(dy2.t(), x2, out=buf[:k])
+        buf[k].zero_()
+    elif dy2.is_cuda if padded_gemm is None else padded_gemm:  # kept columns: slice is [d_out, k]
+        buf = dy2.new_empty(dy2.shape[1], k + 1)
+        torch.mm(dy2.t(), x2, out=buf[:, :k])  # cuBLAS writes with leading dim k + 1
+        buf[:, k].zero_()
+    else:  # on CPU a GEMM into a padded view goes through a temporary; pad afterwards
+        g = dy2.t() @ x2  # [d_out, k]
+        buf = torch.cat([g, g.new_zeros(g.shape[0], 1)], dim=1)
+    return buf.index_select(dim, _inverse_index(idx, n))
+
+
+class _LinearRows(torch.autograd.Function):
+    """``y = x @ W[rows]ᵀ (+ b[rows])`` with a slice-only backward.
+
+    Forward gathers the kept rows once (one ``index_select``) and saves that slice for
+    backward.  Backward computes the ``[k, d_in]`` slice gradient with one matmul and
+    returns a full-size gradient laid out by :func:`_slice_grad_to_full` (exact zeros in
+    the omitted rows).  Returning the gradient, rather than writing ``weight.grad``, keeps
+    autograd's ``AccumulateGrad`` — and the DeepSpeed / megatron DDP hooks on it — in
+    charge of accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, rows, bias):
+        w = weight.index_select(0, rows)  # [k, d_in], contiguous
+        b = bias.index_select(0, rows) if bias is not None else None
+        y = F.linear(x, w, b)  # [..., k]
+        ctx.save_for_backward(x, w, rows)
+        ctx.full_shape = weight.shape
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w, rows = ctx.saved_tensors
+        dx = dw = db = None
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [n, k]
+        if ctx.needs_input_grad[0]:
+            dx = (dy2 @ w).view(*dy.shape[:-1], w.shape[1])  # [..., d_in]
+        if ctx.needs_input_grad[1]:
+            dw = _slice_grad_to_full(dy2, x.reshape(-1, x.shape[-1]), rows,
+                                     ctx.full_shape[0], 0)  # [d_out, d_in]
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = dy2.sum(dim=0)  # [k]
+            db = gb.new_zeros(ctx.full_shape[0]).index_copy_(0, rows, gb)
+        return dx, dw, None, db
+
+
+class _LinearCols(torch.autograd.Function):
+    """``y = x @ W[:, cols]ᵀ`` with a slice-only backward (see :class:`_LinearRows`).
+
+    The kept columns are gathered through the transposed view, ``Wᵀ[cols]`` (``[k, d_out]``,
+    contiguous), so forward and backward run plain GEMMs on it; the slice gradient
+    ``[d_out, k]`` is laid out in the kept columns of a full-size gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, cols):
+        wt = weight.t().index_select(0, cols)  # [k, d_out], contiguous rows of Wᵀ
+        y = torch.matmul(x, wt)  # [..., d_out]
+        ctx.save_for_backward(x, wt, cols)
+        ctx.full_shape = weight.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, wt, cols = ctx.saved_tensors
+        dx = dw = None
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [n, d_out]
+        if ctx.needs_input_grad[0]:
+            dx = F.linear(dy, wt)  # [..., k] = dy @ wtᵀ
+        if ctx.needs_input_grad[1]:
+            dw = _slice_grad_to_full(dy2, x.reshape(-1, x.shape[-1]), cols,
+                                     ctx.full_shape[1], 1)  # [d_out, d_in]
+        return dx, dw, None
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight[rows]ᵀ (+ bias[rows])``: a column-parallel linear on kept output rows.
 
-    x: ``[..., d_in]``; weight: ``[d_out, d_in]``; rows: ``[k]`` → ``[..., k]``.
+    x: ``[..., d_in]``; weight: ``[d_out, d_in]``; rows: ``[k]`` distinct → ``[..., k]``.
+    The weight's gradient is full size with exactly zero in the rows not kept.
     """
-    w = weight.index_select(0, rows)  # [k, d_in]
-    b = bias.index_select(0, rows) if bias is not None else None
-    return F.linear(x, w, b)
+    return _LinearRows.apply(x, weight, rows, bias)
 
 
 def linear_cols(x: torch.Tensor, weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``x @ weight[:, cols]ᵀ``: a row-parallel linear restricted to kept input columns.
 
-    x: ``[..., k]``; weight: ``[d_out, d_in]``; cols: ``[k]`` → ``[..., d_out]``.
+    x: ``[..., k]``; weight: ``[d_out, d_in]``; cols: ``[k]`` distinct → ``[..., d_out]``.
+    The weight's gradient is full size with exactly zero in the columns not kept.
     """
-    w = weight.index_select(1, cols)  # [d_out, k]
-    return F.linear(x, w)
+    return _LinearCols.apply(x, weight, cols)
+
+
+def linear_rows_reference(x, weight, rows, bias=None):
+    """The autograd-through-``index_select`` formulation, kept for tests and benchmarks."""
+    w = weight.index_select(0, rows)
+    b = bias.index_select(0, rows) if bias is not None else None
+    return F.linear(x, w, b)
+
+
+def linear_cols_reference(x, weight, cols):
+    """The autograd-through-``index_select`` formulation of :func:`linear_cols`."""
+    return F.linear(x, weight.index_select(1, cols))
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -48,15 +160,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     q = query.permute(1, 2, 0, 3)  # [b, nq, sq, d]
     k = key.permute(1, 2, 0, 3)  # [b, nkv, sk, d]
     v = value.permute(1, 2, 0, 3)
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
     mask = None
     if attention_mask is not None:
         mask = ~attention_mask.bool()  # SDPA: True = attend
         causal = False
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                         is_causal=causal, scale=scale)
+                                         is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])  # no K/V copies
     sq, b = query.shape[:2]
     return ctx.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, nq * d]
