@@ -8,6 +8,7 @@ upstream code.  Parameter names and shapes are unchanged.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -16,6 +17,22 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_sat.attention import SATSelfAttention
 from megatron_sat.config import SATConfig
 from megatron_sat.mlp import SATMLP
+
+
+class _KnownSATMLPFilter(logging.Filter):
+    """Drop megatron-core's "Unknown MLP type" warning, logged once per layer.
+
+    ``TransformerLayer`` recognises only the exact ``MLP`` class when deciding whether to
+    pass ``tp_group``; :class:`SATMLP` then takes the default TP group, which is the same
+    group, so the warning is noise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+_MLP_FILTER = _KnownSATMLPFilter()
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_MLP_FILTER)
 
 
 def get_sat_layer_spec(sat_config: Optional[SATConfig] = None) -> ModuleSpec:
