@@ -207,6 +207,7 @@ class TrainConfig:
     seed: int = 1234
     init_method_std: float = 0.02
     max_skipped_iters: int = 10
+    exit_interval: int = 0  # stop (with a checkpoint) once the iteration is a multiple
     inject_nan_iters: tuple = field(default_factory=tuple)  # fault injection for tests
 
     def __post_init__(self):

@@ -1,0 +1,43 @@
+# Shared by the llama2 launch scripts (sourced, not run). Every value can be overridden
+# from the environment; see examples/llama2/README.md for what each flag does.
+HOSTFILE=${HOSTFILE:-examples/llama2/hostfile}
+DS_CONFIG=${DS_CONFIG:-examples/llama2/ds_config_zero3_bf16.json}
+DATA_PATH=${DATA_PATH:-"0.7 data/zh_news_text_document 0.3 data/en_text_document"}
+DATA_CACHE=${DATA_CACHE:-/shared/megatron_sat/data_cache}  # on a filesystem all nodes see
+TRAIN_ITERS=${TRAIN_ITERS:-10000}
+SEQ_LENGTH=${SEQ_LENGTH:-4096}
+MICRO_BATCH=${MICRO_BATCH:-1}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+LR=${LR:-3e-5}
+MIN_LR=${MIN_LR:-3e-6}
+TENSORBOARD=${TENSORBOARD:-$SAVE/tensorboard}
+
+if [ ! -f "$HOSTFILE" ]; then
+  echo "no hostfile at $HOSTFILE (copy examples/llama2/hostfile.example and edit it)" >&2
+  exit 2
+fi
+
+# First run from converted HF weights: weights only. Later runs resume from $SAVE.
+if [ -f "$SAVE/latest" ]; then LOAD=$SAVE; START_FLAGS=(); else START_FLAGS=(--finetune); fi
+
+LLAMA_FLAGS=(--swiglu --normalization rmsnorm --use-rotary-position-embeddings
+  --untie-embeddings-and-output-weights --disable-bias-linear --no-query-key-layer-scaling)
+
+TRAIN_FLAGS=(
+  --seq-length "$SEQ_LENGTH" --max-position-embeddings 4096
+  --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH"
+  --train-iters "$TRAIN_ITERS"
+  --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters 100
+  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16
+  --data-path $DATA_PATH --split 990,10,0 --data-cache-path "$DATA_CACHE"
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER"
+  --load "$LOAD" --save "$SAVE" --save-interval 500
+  --log-interval 10 --eval-interval 500 --eval-iters 20 --tensorboard-dir "$TENSORBOARD"
+  --deepspeed --deepspeed_config "$DS_CONFIG" --zero-stage 3
+)
+
+SAT_FLAGS=(--sat --sat-metric maxip --sat-selection sampling --sat-temperature 0.5
+  --sat-attn-omission-rate 0.5 --sat-mlp-omission-rate 0.5
+  --sat-schedule ladder --sat-decay-start $((TRAIN_ITERS / 2)) --sat-ladder-rungs 4
+  --sat-ladder-spacing lengthening)
+

@@ -1,0 +1,279 @@
+"""Megatron-style command-line flags -> :class:`TrainConfig`.
+
+Why: users arrive with Megatron-LM / Megatron-DeepSpeed launch scripts. We accept their
+Llama flags (including the redundant architecture switches), refuse the ones that
+contradict the Llama architecture, and turn everything into validated dataclasses so no
+library code ever reads ``args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from megatron_sat.config import SATConfig
+from megatron_sat.model import PRESETS, LlamaShape
+from megatron_sat.training.configs import (BatchConfig, CheckpointConfig, ConfigError,
+                                           DataConfig, EngineConfig, LoggingConfig,
+                                           OptimizerConfig, ParallelConfig, TrainConfig)
+
+SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                   "NullTokenizer")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` (one line) instead of exiting."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pretrain_llama.py", allow_abbrev=False,
+                description="Llama continual pre-training with SAT on DeepSpeed + megatron-core")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(PRESETS), help="shape preset; explicit flags override")
+    for name in SHAPE_FLAGS:
+        g.add_argument("--" + name.replace("_", "-"), type=int)
+    g.add_argument("--num-query-groups", type=int, help="GQA groups (Megatron-LM name)")
+    g.add_argument("--num-key-value-heads", type=int, help="GQA groups (Megatron-DeepSpeed name)")
+    g.add_argument("--group-query-attention", action="store_true", help="accepted; implied")
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--norm-epsilon", "--layernorm-epsilon", dest="norm_epsilon", type=float)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    # Llama architecture switches from Megatron-DeepSpeed scripts: accepted, checked.
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--normalization", default="rmsnorm")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true")
+    g.add_argument("--position-embedding-type", default="rope")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-bias-linear", action="store_true")
+    g.add_argument("--no-query-key-layer-scaling", action="store_true")
+    g.add_argument("--apply-query-key-layer-scaling", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, help="default: micro-batch x DP")
+    g.add_argument("--seq-length", type=int, default=2048)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=0,
+                   help="stop with a checkpoint when the iteration is a multiple of this")
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="abort (with a checkpoint) after this many NaN/inf steps in a row")
+    g.add_argument("--inject-nan-iters", type=str, default="",
+                   help="testing: comma-separated iterations whose loss is made NaN")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+
+    g = p.add_argument_group("parallelism and DeepSpeed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--deepspeed", action="store_true",
+                   help="accepted; the engine is always DeepSpeed")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
+    g.add_argument("--zero-stage", type=int)
+    g.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[])
+    g.add_argument("--split", default="949,50,1")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
+    g.add_argument("--tokenizer-model")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--finetune", action="store_true", help="load weights only, restart at 0")
+    g.add_argument("--no-load-optim", action="store_true", help="load weights only")
+    g.add_argument("--no-load-rng", action="store_true")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--metrics-file", help="JSONL of every logged value "
+                   "(default: <tensorboard-dir or save>/metrics.jsonl)")
+    g.add_argument("--peak-tflops", type=float, help="device peak for MFU when not recognised")
+
+    g = p.add_argument_group("SAT (see SAT_SPEC.md)")
+    d = SATConfig()
+    g.add_argument("--sat", action="store_true", help="enable Sparsity-Accelerated Training")
+    g.add_argument("--sat-metric", default=d.metric)
+    g.add_argument("--sat-selection", default=d.selection)
+    g.add_argument("--sat-temperature", type=float, default=d.temperature)
+    g.add_argument("--sat-attn-omission-rate", type=float, default=d.attn_omission_rate)
+    g.add_argument("--sat-mlp-omission-rate", type=float, default=d.mlp_omission_rate)
+    g.add_argument("--sat-schedule", default=d.schedule)
+    g.add_argument("--sat-decay-start", type=int, default=d.decay_start)
+    g.add_argument("--sat-ladder-rungs", type=int, default=d.ladder_rungs)
+    g.add_argument("--sat-ladder-spacing", default=d.ladder_spacing)
+    g.add_argument("--sat-seed", type=int, help="default: --seed")
+    g.add_argument("--sat-dp-consistent", action=argparse.BooleanOptionalAction,
+                   default=d.dp_consistent)
+    return p
+
+
+def _architecture_problems(a) -> list[str]:
+    """Megatron-DeepSpeed Llama switches that contradict the Llama architecture."""
+    p = []
+    if a.normalization.lower() != "rmsnorm":
+        p.append(f"--normalization {a.normalization} contradicts Llama (RMSNorm); use rmsnorm")
+    if a.position_embedding_type.lower() != "rope":
+        p.append(f"--position-embedding-type {a.position_embedding_type} contradicts Llama "
+                 f"(rotary); use rope")
+    if a.add_bias_linear:
+        p.append("--add-bias-linear contradicts Llama (no biases); drop it")
+    if a.apply_query_key_layer_scaling:
+        p.append("--apply-query-key-layer-scaling is not supported; drop it")
+    if a.fp16:
+        p.append("--fp16 is not supported; use --bf16 (or fp32, the default)")
+    if a.pipeline_model_parallel_size != 1:
+        p.append("--pipeline-model-parallel-size must be 1 (use TP and ZeRO-3 instead)")
+    if a.tokenizer_type not in TOKENIZER_TYPES:
+        p.append(f"--tokenizer-type {a.tokenizer_type} is not one of {', '.join(TOKENIZER_TYPES)}")
+    return p
+
+
+def _tokenizer_facts(path: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """(vocab size, eos id) of a SentencePiece model, or (None, None) without one."""
+    if not path:
+        return None, None
+    if not os.path.isfile(path):
+        raise ConfigError(f"--tokenizer-model {path} does not exist; give a SentencePiece "
+                          f"tokenizer.model (tools/fetch_demo_data.py fetches one)")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    return sp.get_piece_size(), sp.eos_id()
+
+
+def _shape_from_args(a, tokenizer_vocab: Optional[int]) -> LlamaShape:
+    base = PRESETS[a.model].to_dict() if a.model else {}
+    groups = {v for v in (a.num_query_groups, a.num_key_value_heads) if v is not None}
+    if len(groups) > 1:
+        raise ConfigError(f"--num-query-groups {a.num_query_groups} and --num-key-value-heads "
+                          f"{a.num_key_value_heads} disagree; give one of them")
+    for name in SHAPE_FLAGS:
+        if getattr(a, name) is not None:
+            base[name] = getattr(a, name)
+    if a.vocab_size is None and tokenizer_vocab is not None:
+        base["vocab_size"] = tokenizer_vocab
+    if groups:
+        base["num_query_groups"] = groups.pop()
+    elif a.num_attention_heads is not None:
+        preset = PRESETS.get(a.model)
+        if preset is None or preset.num_query_groups == preset.num_attention_heads:
+            base["num_query_groups"] = a.num_attention_heads  # MHA stays MHA
+    if a.rotary_base is not None:
+        base["rotary_base"] = a.rotary_base
+    if a.norm_epsilon is not None:
+        base["norm_epsilon"] = a.norm_epsilon
+    missing = [n for n in ("num_layers", "hidden_size", "ffn_hidden_size",
+                           "num_attention_heads") if n not in base]
+    if missing:
+        raise ConfigError("model shape incomplete: give --model PRESET or "
+                          + ", ".join("--" + m.replace("_", "-") for m in missing))
+    base.setdefault("max_position_embeddings", max(a.seq_length, 4096))
+    try:
+        return LlamaShape.from_dict(base)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _blend(tokens: Sequence[str]) -> tuple:
+    """``[w1] p1 [w2] p2`` -> ((w1, p1), ...); weights are optional but all-or-none."""
+    tokens = list(tokens)
+    if not tokens:
+        return ()
+
+    def is_number(s):
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    if is_number(tokens[0]):
+        if len(tokens) % 2 or not all(is_number(w) for w in tokens[0::2]):
+            raise ConfigError("--data-path must be 'w1 p1 w2 p2 ...' or 'p1 p2 ...'")
+        return tuple((float(w), pth) for w, pth in zip(tokens[0::2], tokens[1::2]))
+    return tuple((None, pth) for pth in tokens)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
+               ) -> TrainConfig:
+    """Parse flags into a validated :class:`TrainConfig`; raises :class:`ConfigError`."""
+    a = build_parser().parse_args(argv)
+    problems = _architecture_problems(a)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tok_vocab, eos = _tokenizer_facts(a.tokenizer_model)
+    shape = _shape_from_args(a, tok_vocab)
+    parallel = ParallelConfig(a.tensor_model_parallel_size, world_size)
+    dp = parallel.data_parallel_size
+    batch = BatchConfig(a.micro_batch_size, a.global_batch_size or a.micro_batch_size * dp,
+                        a.seq_length, dp)
+    sat_flags_given = [f for f in ("sat_metric", "sat_selection", "sat_schedule")
+                       if getattr(a, f) != getattr(SATConfig(), f[4:])]
+    if sat_flags_given and not a.sat:
+        raise ConfigError(f"--{sat_flags_given[0].replace('_', '-')} given without --sat; "
+                          f"add --sat to enable SAT")
+    sat = None
+    if a.sat:
+        try:
+            sat = SATConfig(enabled=True, metric=a.sat_metric, selection=a.sat_selection,
+                            temperature=a.sat_temperature,
+                            attn_omission_rate=a.sat_attn_omission_rate,
+                            mlp_omission_rate=a.sat_mlp_omission_rate, schedule=a.sat_schedule,
+                            decay_start=a.sat_decay_start, total_iters=a.train_iters,
+                            ladder_rungs=a.sat_ladder_rungs, ladder_spacing=a.sat_ladder_spacing,
+                            seed=a.seed if a.sat_seed is None else a.sat_seed,
+                            dp_consistent=a.sat_dp_consistent)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    metrics = a.metrics_file
+    if metrics is None and (a.tensorboard_dir or a.save):
+        metrics = os.path.join(a.tensorboard_dir or a.save, "metrics.jsonl")
+    try:
+        nan_iters = tuple(int(x) for x in a.inject_nan_iters.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError("--inject-nan-iters must be comma-separated integers") from None
+    return TrainConfig(
+        shape=shape, parallel=parallel, batch=batch,
+        optimizer=OptimizerConfig(a.lr, a.min_lr, a.lr_decay_style, a.lr_warmup_iters,
+                                  a.lr_decay_iters, a.weight_decay, a.adam_beta1,
+                                  a.adam_beta2, a.adam_eps, a.clip_grad),
+        data=DataConfig(_blend(a.data_path), a.split, a.data_cache_path, a.tokenizer_type,
+                        a.tokenizer_model, 2 if eos is None or eos < 0 else eos),
+        checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.finetune,
+                                    a.no_load_optim, a.no_load_rng),
+        logging=LoggingConfig(a.log_interval, a.eval_interval, a.eval_iters,
+                              a.tensorboard_dir, metrics, a.peak_tflops),
+        engine=EngineConfig(a.zero_stage, a.deepspeed_config, a.bf16),
+        sat=sat, train_iters=a.train_iters, seed=a.seed, init_method_std=a.init_method_std,
+        max_skipped_iters=a.max_skipped_iters, inject_nan_iters=nan_iters,
+        exit_interval=a.exit_interval,
+    )

@@ -1,0 +1,225 @@
+"""Megatron-style throughput log: one line per ``--log-interval``, TensorBoard and JSONL.
+
+Why exact FLOPs: SAT changes the work per token from one iteration to the next, so the
+logger multiplies each iteration's tokens by that iteration's FLOPs per token (from the
+layers' actual kept fractions, GQA included; see :mod:`flops`). Besides executed TFLOP/s
+it reports "dense-equivalent tokens/s" = executed FLOP/s ÷ dense FLOPs per token: the
+tokens/s a dense run would reach at this FLOP rate, so SAT and dense runs compare on one
+axis (tokens/s ÷ dense-equivalent tokens/s is the gain from skipped work).
+
+Only rank 0 writes; callers pass values already reduced over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_sat.training.flops import DENSE, KeptFractions, train_flops_per_token
+
+
+@dataclass
+class _Window:
+    """Sums over a span of timed iterations."""
+
+    iters: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    flops: float = 0.0
+    first: Optional[int] = None
+    last: Optional[int] = None
+    rates: tuple = (0.0, 0.0)
+
+    def add(self, iteration, seconds, tokens, flops, rates):
+        self.iters += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        self.flops += flops
+        self.first = iteration if self.first is None else self.first
+        self.last = iteration
+        self.rates = rates
+
+
+@dataclass
+class IterationRecord:
+    """What the loop knows after one iteration (values local to this rank)."""
+
+    iteration: int  # completed iterations after this step (1-based, like Megatron)
+    seconds: float
+    kept: KeptFractions
+    rates: tuple  # (ρ_attn, ρ_mlp) in force for this step
+    phase: int
+    lr: float
+    grad_norm: Optional[float]
+    skipped: bool
+    timed: bool = True  # False for the first step of a process (warm-up)
+
+
+@dataclass
+class ThroughputLogger:
+    shape: object
+    seq_length: int
+    global_batch_size: int
+    train_iters: int
+    world_size: int
+    tp: int
+    is_writer: bool
+    tensorboard_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
+    peak_tflops: Optional[float] = None
+    window: _Window = field(default_factory=_Window)
+    phases: dict = field(default_factory=dict)
+    total: _Window = field(default_factory=_Window)
+    skipped_total: int = 0
+    last_record: Optional[IterationRecord] = None
+    last_line: Optional[dict] = None
+
+    def __post_init__(self):
+        self._tb = self._jsonl = None
+        self.dense_flops_per_token = train_flops_per_token(self.shape, self.seq_length, DENSE,
+                                                           self.tp)
+        if not self.is_writer:
+            return
+        if self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(self.tensorboard_dir)
+        if self.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
+            self._jsonl = open(self.metrics_file, "a", buffering=1)
+
+    # -- accumulation -------------------------------------------------------------------
+    def record(self, rec: IterationRecord) -> None:
+        tokens = self.global_batch_size * self.seq_length
+        flops = tokens * train_flops_per_token(self.shape, self.seq_length, rec.kept, self.tp)
+        self.skipped_total += int(rec.skipped)
+        self.last_record = rec
+        self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates)
+        if rec.timed:
+            self.total.add(rec.iteration, rec.seconds, tokens, flops, rec.rates)
+            self.phases.setdefault(rec.phase, _Window()).add(rec.iteration, rec.seconds,
+                                                             tokens, flops, rec.rates)
+
+    # -- output ---------------------------------------------------------------------------
+    def _rates(self, w: _Window) -> dict:
+        s = max(w.seconds, 1e-12)
+        tps = w.tokens / s
+        tflops = w.flops / s / self.world_size / 1e12
+        out = {
+            "iterations": w.iters, "seconds": w.seconds, "tokens": w.tokens,
+            "ms_per_iter": 1000.0 * w.seconds / max(w.iters, 1),
+            "samples_per_sec": tps / self.seq_length,
+            "tokens_per_sec": tps,
+            "tokens_per_sec_per_gpu": tps / self.world_size,
+            "tflops_per_gpu": tflops,
+            "dense_equiv_tokens_per_sec": w.flops / s / self.dense_flops_per_token,
+        }
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        return out
+
+    def log(self, iteration: int, lm_loss: float, consumed_samples: int) -> dict:
+        """Close the current window; print and store one line. Returns its values."""
+        rec = self.last_record
+        w, self.window = self.window, _Window()
+        values = {"iteration": iteration, "train_iters": self.train_iters,
+                  "consumed_samples": consumed_samples,
+                  "consumed_tokens": consumed_samples * self.seq_length,
+                  "lr": rec.lr, "global_batch_size": self.global_batch_size,
+                  "lm_loss": lm_loss, "grad_norm": rec.grad_norm,
+                  "skipped_iters": self.skipped_total,
+                  "attn_omission_rate": rec.rates[0], "mlp_omission_rate": rec.rates[1],
+                  "kept_attn_q": rec.kept.attn_q, "kept_attn_kv": rec.kept.attn_kv,
+                  "kept_mlp": rec.kept.mlp, **self._rates(w)}
+        self.last_line = values
+        if self.is_writer:
+            print(self.format_line(values), flush=True)
+            self._write("train", values)
+        return values
+
+    def format_line(self, v: dict) -> str:
+        def num(x, fmt):
+            return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt % x
+
+        return " | ".join([
+            f" iteration {v['iteration']:8d}/{v['train_iters']:8d}",
+            f"consumed samples: {v['consumed_samples']:10d}",
+            f"consumed tokens: {v['consumed_tokens']:12d}",
+            f"elapsed time per iteration (ms): {v['ms_per_iter']:.1f}",
+            f"learning rate: {v['lr']:.3E}",
+            f"global batch size: {v['global_batch_size']:5d}",
+            f"lm loss: {num(v['lm_loss'], '%.6E')}",
+            f"grad norm: {num(v['grad_norm'], '%.3f')}",
+            f"skipped iterations: {v['skipped_iters']:3d}",
+            f"samples per second: {v['samples_per_sec']:.3f}",
+            f"tokens per second: {v['tokens_per_sec']:.1f}",
+            f"tokens per GPU per second: {v['tokens_per_sec_per_gpu']:.1f}",
+            f"TFLOP/s per GPU: {v['tflops_per_gpu']:.4f}",
+            f"dense-equiv tokens per second: {v['dense_equiv_tokens_per_sec']:.1f}",
+            f"MFU: {num(None if v.get('mfu') is None else 100.0 * v['mfu'], '%.2f%%')}",
+            f"omission rate attn/mlp: {v['attn_omission_rate']:.3f}/{v['mlp_omission_rate']:.3f}",
+        ]) + " |"
+
+    def log_eval(self, iteration: int, lm_loss: float) -> None:
+        if not self.is_writer:
+            return
+        ppl = math.exp(min(lm_loss, 50.0))
+        print(f" validation loss at iteration {iteration} | lm loss: {lm_loss:.6E} | "
+              f"lm loss PPL: {ppl:.3f} |", flush=True)
+        self._write("valid", {"iteration": iteration, "lm_loss": lm_loss, "lm_loss_ppl": ppl})
+
+    def _write(self, kind: str, values: dict) -> None:
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"kind": kind, **values}) + "\n")
+        if self._tb:
+            it = values["iteration"]
+            for k, v in values.items():
+                if k in ("iteration", "train_iters") or v is None:
+                    continue
+                group = "throughput" if k in _THROUGHPUT_KEYS else \
+                    "sat" if "omission" in k or k.startswith("kept") else kind
+                self._tb.add_scalar(f"{group}/{k}", v, it)
+
+    def summary(self, final_train_loss: Optional[float],
+                final_valid_loss: Optional[float]) -> dict:
+        """Average tokens/s per schedule phase and overall (warm-up step excluded)."""
+        phases = []
+        for phase in sorted(self.phases):
+            w = self.phases[phase]
+            phases.append({"phase": phase, "first_iteration": w.first,
+                           "last_iteration": w.last,
+                           "attn_omission_rate": w.rates[0], "mlp_omission_rate": w.rates[1],
+                           **self._rates(w)})
+        out = {"phases": phases, "overall": self._rates(self.total) if self.total.iters else {},
+               "final_train_loss": final_train_loss, "final_valid_loss": final_valid_loss,
+               "skipped_iters": self.skipped_total}
+        if self.is_writer:
+            print(" throughput summary (first step of the process excluded as warm-up):")
+            for p in phases:
+                print(f"   phase {p['phase']} (iterations {p['first_iteration']}-"
+                      f"{p['last_iteration']}, omission attn/mlp "
+                      f"{p['attn_omission_rate']:.3f}/{p['mlp_omission_rate']:.3f}): "
+                      f"{p['tokens_per_sec']:.1f} tokens/s, {p['ms_per_iter']:.1f} ms/iter, "
+                      f"{p['tflops_per_gpu']:.4f} TFLOP/s per GPU")
+            if out["overall"]:
+                o = out["overall"]
+                print(f"   overall: {o['tokens_per_sec']:.1f} tokens/s "
+                      f"({o['tokens_per_sec_per_gpu']:.1f} per GPU), "
+                      f"dense-equiv {o['dense_equiv_tokens_per_sec']:.1f} tokens/s", flush=True)
+            if self._jsonl:
+                self._jsonl.write(json.dumps({"kind": "summary", **out}) + "\n")
+        return out
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        if self._jsonl:
+            self._jsonl.close()
+
+
+_THROUGHPUT_KEYS = {"ms_per_iter", "samples_per_sec", "tokens_per_sec", "tokens_per_sec_per_gpu",
+                    "tflops_per_gpu", "dense_equiv_tokens_per_sec", "mfu", "consumed_tokens",
+                    "consumed_samples"}

@@ -1,0 +1,62 @@
+"""Entry point behind ``pretrain_llama.py``: parse, start processes, train, report.
+
+Why a wrapper: user mistakes (bad flags, missing data, a checkpoint of another shape)
+must end as one line naming the problem and the fix, not as a traceback from deep inside
+DeepSpeed, and must do so on every launcher (deepspeed, torchrun, plain python).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+
+def _quiet() -> None:
+    for pattern in (".*Transformer Engine.*", ".*Apex.*", ".*apex.*", ".*TorchScript.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _set_cpu_threads() -> None:
+    """Share the cores between the processes of this node when no GPU is present."""
+    import torch
+
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def _error(msg: str, code: int) -> int:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pretrain_llama.py: error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _quiet()
+    from megatron_sat.training.arguments import parse_args
+    from megatron_sat.training.configs import ConfigError
+    from megatron_sat.training.loop import TrainingAborted
+
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        return _error(str(e), 2)
+    _set_cpu_threads()
+    from megatron_sat.parallel import destroy_parallel, initialize_parallel
+
+    try:
+        initialize_parallel(cfg.parallel.tensor_model_parallel_size, cfg.seed)
+        from megatron_sat.training.loop import pretrain
+
+        pretrain(cfg)
+    except ConfigError as e:
+        return _error(str(e), 2)
+    except TrainingAborted as e:
+        return _error(str(e), 3)
+    finally:
+        destroy_parallel()
+    return 0
