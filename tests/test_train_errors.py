@@ -71,15 +71,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     args = TINY + ["--data-path", data, "--split", "90,10,0", "--train-iters", "1000",
                    "--global-batch-size", "2", "--eval-iters", "0", "--log-interval", "1",
                    "--save", tmp_path / "ckpt"]
+    err = open(tmp_path / "stderr.log", "w")
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "pretrain_llama.py")]
                             + [str(a) for a in args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=err)
     for line in proc.stdout:
         if line.startswith(" iteration"):
             proc.send_signal(signal.SIGTERM)
             break
     out = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0
+    rc = proc.wait(timeout=120)
+    err.close()
+    assert rc == 0, out[-2000:] + (tmp_path / "stderr.log").read_text()[-3000:]
     assert "SIGTERM received: stopped cleanly" in out
     tag = (tmp_path / "ckpt" / "latest").read_text().strip()
     meta = json.loads((tmp_path / "ckpt" / tag / "meta.json").read_text())

@@ -38,6 +38,9 @@ class _StopRequest:
     def __init__(self):
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        # Restart interrupted system calls: a gloo/NCCL wait that sees EINTR would
+        # otherwise fail the collective instead of letting the loop stop cleanly.
+        signal.siginterrupt(signal.SIGTERM, False)
 
     def _handle(self, signum, frame):
         self.requested = True
