@@ -36,14 +36,17 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234,
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            # Launched by deepspeed / torchrun: rendezvous through their environment.
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        else:
+            # One plain process: a private store on a free port.  The environment is
+            # left alone, so child processes this one starts never inherit a port.
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % tensor_model_parallel_size != 0:
         raise ValueError(

@@ -67,7 +67,9 @@ def test_nan_streak_aborts_with_checkpoint(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     data = make_data(str(tmp_path / "data"), n_docs=60)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     args = TINY + ["--data-path", data, "--split", "90,10,0", "--train-iters", "1000",
                    "--global-batch-size", "2", "--eval-iters", "0", "--log-interval", "1",
                    "--save", tmp_path / "ckpt"]
