@@ -35,9 +35,7 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -61,6 +59,9 @@ logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(loggin
 import torch  # noqa: E402
 
 from megatron_sat.selection import num_kept  # noqa: E402
+
+from bench_e2e import markdown_e2e, run_end_to_end  # noqa: E402
+from bench_report import chart, device_name, markdown  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -402,196 +403,6 @@ def run_layers(args) -> dict:
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "rows": rows,
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def fmt(x, spec):
-    return "–" if x is None else format(x, spec)
-
-
-def markdown(res: dict) -> str:
-    s = res["shape"]
-    cpu = not res["device_type"] == "cuda"
-    lines = [
-        f"**{res['preset']}** — {res['date']}, {res['device']}, torch {res['torch']}, "
-        f"{res['threads']} threads, {res['dtype']}, attention={res['attention']}",
-        "",
-        f"Shape per layer: hidden {s['hidden']}, ffn {s['ffn']}, {s['heads']} heads / "
-        f"{s['groups']} groups × {s['head_dim']}; {s['layers']} layers, micro-batch "
-        f"{s['micro_batch']} × {s['seq_length']} tokens; {res['iters']} timed rounds after "
-        f"{res['warmup']} warm-up, interleaved.",
-        "",
-        f"Command: `{res['command']}`",
-        "",
-        "| variant | ρ | median fwd+bwd ms | tokens/s | speedup | ideal speedup | realised "
-        "| paired speedup | paired realised | selection ms | TFLOP/s | memory MB |"
-        + (" CPU-time speedup | CPU-time realised |" if cpu else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else ""),
-    ]
-    for r in res["rows"]:
-        line = (
-            f"| {r['variant']} | {r['rho']:g} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['speedup_vs_dense']:.3f}× | {fmt(r['ideal_speedup'], '.3f')} | "
-            f"{fmt(r['realised_fraction'], '.2f')} | {r['paired_speedup']:.3f}× | "
-            f"{fmt(r['paired_realised_fraction'], '.2f')} | {fmt(r['selection_ms'], '.2f')} | "
-            f"{r['tflops_executed']:.3f} | {fmt(r['memory_mb'], '.1f')} |")
-        if cpu:
-            line += (f" {r['cpu_time_speedup']:.3f}× | "
-                     f"{fmt(r['cpu_time_realised_fraction'], '.2f')} |")
-        lines.append(line)
-    lines += ["", f"Memory: {res['memory_kind']}. Speedup: median stock-dense time / median "
-                  "variant time; realised = (SAT speedup − 1) / (ideal speedup − 1). "
-                  "Paired: the median over rounds of the same ratios taken within each round. "
-                  "CPU-time: process CPU time instead of wall time (insensitive to other jobs)."]
-    lines += [f"Rate-0 SAT vs stock: {res['rate0_ratio']:.3f}× "
-                  f"(dense time / SAT-0 time). Wall time {res['wall_s']:.0f} s; 1-min load "
-                  f"average {res['load_average_1min'][0]} before, {res['load_average_1min'][1]} "
-                  f"after (the machine has {os.cpu_count()} cores)."]
-    return "\n".join(lines)
-
-
-def chart(res: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG chart (pip install matplotlib)", file=sys.stderr)
-        return False
-    rows = res["rows"]
-    sat = [(0.0, 1.0)] + [(r["rho"], r["speedup_vs_dense"]) for r in rows
-                          if r["kind"] == "sat" and r["rho"] > 0]
-    ideal = [(0.0, 1.0)] + [(r["rho"], r["speedup_vs_dense"]) for r in rows
-                            if r["kind"] == "ideal"]
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.plot(*zip(*ideal), "o--", label="ideal (physically narrower dense)")
-    ax.plot(*zip(*sat), "s-", label="SAT (maxip + sampling)")
-    top = max(r for r, _ in ideal + sat)
-    grid = [top * i / 50 for i in range(51)]
-    ax.plot(grid, [1 / (1 - r) for r in grid], ":", color="grey", label="1/(1−ρ) (FLOPs only)")
-    naive = [(r["rho"], r["speedup_vs_dense"]) for r in rows if r["kind"] == "naive"]
-    if naive:
-        ax.plot(*zip(*([(0.0, 1.0)] + naive)), "x:", label="SAT, naive index_select ops")
-    ax.set_xlabel("omission rate ρ")
-    ax.set_ylabel("fwd+bwd speedup vs stock dense")
-    ax.set_title(f"{res['preset']} — {res['device'][:40]}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def write_random_dataset(prefix: Path, vocab: int, n_docs: int, doc_len: int, seed: int) -> None:
-    """A Megatron ``.bin/.idx`` pair of random tokens (REFERENCE §3 layout), for timing only."""
-    import numpy as np
-    import struct
-
-    rng = np.random.default_rng(seed)
-    dtype, code = (np.uint16, 8) if vocab < 65500 else (np.int32, 4)
-    docs = rng.integers(3, vocab, size=(n_docs, doc_len)).astype(dtype)
-    docs[:, -1] = 2  # end of document
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    docs.tofile(str(prefix) + ".bin")
-    sizes = np.full(n_docs, doc_len, dtype=np.int32)
-    pointers = np.arange(n_docs, dtype=np.int64) * doc_len * np.dtype(dtype).itemsize
-    with open(str(prefix) + ".idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00")
-        f.write(struct.pack("<Q", 1))
-        f.write(struct.pack("<B", code))
-        f.write(struct.pack("<Q", n_docs))
-        f.write(struct.pack("<Q", n_docs + 1))
-        f.write(sizes.tobytes())
-        f.write(pointers.tobytes())
-        f.write(np.arange(n_docs + 1, dtype=np.int64).tobytes())
-
-
-def run_end_to_end(args) -> dict:
-    """Time full ``pretrain_llama.py`` steps (DeepSpeed optimizer step included).
-
-    Each variant is one subprocess on the same random-token data; the per-iteration
-    time comes from the trainer's ``--metrics-file`` (``kind == "train"`` records,
-    ``--log-interval 1``); the first ``--warmup`` iterations are dropped.
-    """
-    script = REPO / "pretrain_llama.py"
-    if not script.exists():
-        raise SystemExit(f"--end-to-end needs {script}, which does not exist in this checkout")
-    from megatron_sat.model import PRESETS
-
-    out_dir = Path(args.output_dir).resolve()
-    seq = args.seq_length or 256
-    mb = args.micro_batch or 2
-    iters = args.warmup + args.iters
-    shape = PRESETS[args.e2e_model]
-    prefix = out_dir / "e2e-data" / "random_text_document"
-    write_random_dataset(prefix, shape.vocab_size, n_docs=max(64, 2 * iters * mb),
-                         doc_len=seq + 1, seed=args.seed)
-    rows = []
-    for rho in [None] + list(args.rates):
-        name = "dense" if rho is None else f"sat-{rho:g}"
-        metrics = out_dir / f"e2e-{name}.jsonl"
-        if metrics.exists():
-            metrics.unlink()
-        cmd = [sys.executable, str(script), "--model", args.e2e_model,
-               "--train-iters", str(iters), "--log-interval", "1",
-               "--micro-batch-size", str(mb), "--global-batch-size", str(mb),
-               "--seq-length", str(seq), "--data-path", str(prefix), "--split", "100,0,0",
-               "--data-cache-path", str(out_dir / "e2e-cache"), "--eval-iters", "0",
-               "--metrics-file", str(metrics), "--seed", str(args.seed)]
-        if args.dtype == "bf16":
-            cmd.append("--bf16")
-        if rho is not None:
-            cmd += ["--sat", "--sat-schedule", "constant", "--sat-attn-omission-rate", str(rho),
-                    "--sat-mlp-omission-rate", str(rho)]
-        cmd += args.e2e_extra
-        print("+", " ".join(cmd), file=sys.stderr)
-        env = dict(os.environ)
-        if not args.device.startswith("cuda"):  # same thread policy as the layer benchmark
-            env["OMP_NUM_THREADS"] = str(args.threads or 1)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"pretrain_llama.py failed for {name} (rc={proc.returncode}):\n"
-                             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        ms = [r["ms_per_iter"] for r in recs if r.get("kind") == "train"][args.warmup:]
-        if not ms:
-            raise SystemExit(f"{metrics}: no timed iterations after {args.warmup} warm-up")
-        med = statistics.median(ms)
-        rows.append({"variant": name, "rho": rho or 0.0, "median_ms": med,
-                     "iterations": len(ms), "tokens_per_s": mb * seq / (med / 1e3)})
-    for r in rows:
-        r["speedup_vs_dense"] = rows[0]["median_ms"] / r["median_ms"]
-    return {"mode": "end-to-end", "date": datetime.date.today().isoformat(),
-            "device": device_name(torch.device(args.device)), "model": args.e2e_model,
-            "micro_batch": mb, "seq_length": seq, "dtype": args.dtype,
-            "command": " ".join([Path(sys.executable).name] + sys.argv), "rows": rows}
-
-
-def markdown_e2e(res: dict) -> str:
-    lines = [f"**end-to-end `pretrain_llama.py --model {res['model']}`** — {res['date']}, "
-             f"{res['device']}, {res['dtype']}, micro-batch {res['micro_batch']} × "
-             f"{res['seq_length']} (one process, optimizer step included)", "",
-             f"Command: `{res['command']}`", "",
-             "| variant | median ms/iter | tokens/s | speedup |", "|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['variant']} | {r['median_ms']:.1f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['speedup_vs_dense']:.3f}× |")
-    return "\n".join(lines)
 
 
 def parse_args(argv=None):
