@@ -104,6 +104,8 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach disk before the name points at them
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

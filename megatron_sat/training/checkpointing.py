@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sat.model import LlamaShape
+from megatron_sat.tools.ckpt_format import write_rank_file
+from megatron_sat.tools.cli import atomic_write_bytes
 from megatron_sat.training.configs import ConfigError, TrainConfig
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -50,15 +52,6 @@ class TrainState:
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -113,12 +106,9 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
     engine.save_checkpoint(save, tag=tag, client_state=client, save_latest=False)
     weights = _gathered_state_dict(engine)
     if ps.get_data_parallel_rank() == 0:
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        os.makedirs(os.path.join(ckpt, f"mp_rank_{tp_rank:02d}"), exist_ok=True)
-        torch.save({"model": weights, "shape": cfg.shape.to_dict(),
-                    "padded_vocab_size": cfg.shape.padded_vocab_size(tp), "tp": tp,
-                    "tp_rank": tp_rank, "iteration": state.iteration, "format_version": 1},
-                   os.path.join(ckpt, f"mp_rank_{tp_rank:02d}", "model.pt"))
+        # The converter's per-rank layout, so tools read training output directly.
+        write_rank_file(ckpt, ps.get_tensor_model_parallel_rank(), weights, cfg.shape, tp,
+                        iteration=state.iteration)
     torch.save(_rng_state(), os.path.join(ckpt, "rng", f"rank_{rank:05d}.pt"))
     if rank == 0:
         meta = {"format": "megatron-sat-train", "format_version": 1, **state.to_dict(),
@@ -126,10 +116,10 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
                 "tp": tp, "padded_vocab_size": cfg.shape.padded_vocab_size(tp),
                 "world_size": dist.get_world_size(),
                 "sat": cfg.sat.to_dict() if cfg.sat else None}
-        _write_atomic(os.path.join(ckpt, "meta.json"), json.dumps(meta, indent=1))
+        atomic_write_bytes(os.path.join(ckpt, "meta.json"), json.dumps(meta, indent=1).encode())
     dist.barrier()
     if rank == 0:
-        _write_atomic(os.path.join(save, "latest"), tag + "\n")
+        atomic_write_bytes(os.path.join(save, "latest"), (tag + "\n").encode())
     dist.barrier()
     return ckpt
 
