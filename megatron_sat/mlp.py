@@ -19,10 +19,10 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 from megatron_sat import ops
-from megatron_sat.config import SATConfig
-from megatron_sat.importance import mlp_channel_scores, neuron_scores
+from megatron_sat.config import SATConfig, unsupported_settings
+from megatron_sat.importance import scores_from_stats
 from megatron_sat.sat_state import SATLayerState
-from megatron_sat.selection import num_kept, select
+from megatron_sat.unit_selection import select_channels
 
 
 class SATMLP(MLP):
@@ -45,6 +45,7 @@ class SATMLP(MLP):
                 problems.append("sequence_parallel is not supported with SAT; turn it off")
             if is_expert:
                 problems.append("MoE experts are not supported with SAT")
+            problems += unsupported_settings(config)
             if problems:
                 raise ValueError("SAT MLP: " + "; ".join(problems))
 
@@ -52,22 +53,20 @@ class SATMLP(MLP):
         """Re-key the selection stream; the spec builder passes the real layer number."""
         self.sat_state.layer_key = 2 * (layer_number - 1) + 1
 
+    def sat_fc1_scores(self, stats: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[2f]`` neuron scores of ``linear_fc1`` (gate rows, then up rows; SAT_SPEC §1)."""
+        return scores_from_stats(self.sat_state.config.metric, self.linear_fc1.weight, stats)
+
     @torch.no_grad()
     def sat_select(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Kept local channels ``[k]`` for this iteration (SAT_SPEC §1–§3)."""
-        st = self.sat_state
-        cfg = st.config
-        s = neuron_scores(cfg.metric, self.linear_fc1.weight, hidden_states)  # [2f]
-        s = st.dp_average(s.view(2, -1)).view(-1)
-        channels = mlp_channel_scores(s)  # [f]
-        k = num_kept(self.sat_channels, st.rate)
-        kept = select(channels, k, cfg.selection, cfg.temperature, st.generator(s.device))
-        st.record(kept, k, self.sat_channels)
-        return kept
+        """Kept local channels ``[k]`` of this iteration (SAT_SPEC §1–§3), cached."""
+        return select_channels(self.sat_state, hidden_states, self.sat_fc1_scores,
+                               self.sat_channels)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if not self.sat_state.active(self.training) or per_token_scale is not None:
-            self.sat_state.mark_dense()
+            if self.training:
+                self.sat_state.mark_dense()
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         # hidden_states: [s, b, h], the normalised input of linear_fc1.
         kept = self.sat_select(hidden_states)  # [k]

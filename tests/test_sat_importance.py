@@ -63,8 +63,17 @@ def test_attention_aggregation_gqa_literal():
     tq, tk, tv = sum(sq.values()), sum(sk.values()), sum(sv.values())
     units = attention_unit_scores(qkv_head_scores(s, ng, q, d))
     for g, j in itertools.product(range(ng), range(q)):
-        expect = sq[g, j] / tq + sk[g] / tk + sv[g] / tv
+        expect = sq[g, j] / tq  # revision 2: a GQA query head's score is Ŝ^Q alone
         assert abs(units[g, j].item() - expect.item()) < 1e-12
+
+
+def test_attention_aggregation_mha_literal():
+    ng, d = 4, 3
+    s = torch.rand(ng * 3 * d, dtype=torch.float64)
+    blocks = s.view(ng, 3, d).sum(-1)  # [ng, (q, k, v)]
+    units = attention_unit_scores(qkv_head_scores(s, ng, 1, d))
+    expect = (blocks / blocks.sum(0)).sum(1)  # Ŝ^Q + Ŝ^K + Ŝ^V per head
+    torch.testing.assert_close(units[:, 0], expect, rtol=0, atol=1e-15)
 
 
 def test_zero_sum_normalises_to_uniform():
