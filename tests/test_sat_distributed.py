@@ -121,7 +121,7 @@ def test_tp2_equals_single_process_masked_dense(tmp_path, groups):
 
 
 DP_COMBOS = [(m, s, gas) for m in ("maxip", "wanda") for s in ("topk", "sampling")
-             for gas in (1, 2)]
+             for gas in (1, 2)] + [("magnitude", "sampling", 2), ("uniform", "sampling", 1)]
 
 
 def dp_data(rank, mb):
@@ -193,6 +193,14 @@ def dp_worker(rank, world, tmpdir):
         grads.append([x.grad] + [p.grad for p in list(attn.parameters()) + list(mlp.parameters())])
     out["recompute"] = {"calls": recompute_calls,
                         "bit_equal": all(torch.equal(u, v) for u, v in zip(*grads))}
+    # The sequence-parallel seam: statistics reduced over a given group of sequence shards.
+    from megatron_sat.config import SATConfig
+    from megatron_sat.sat_state import SATLayerState
+
+    for metric in ("maxip", "wanda"):
+        st = SATLayerState(SATConfig(metric=metric, dp_consistent=False), "mlp", 1, None, 4)
+        v = torch.full((3,), float(rank + 1), dtype=torch.float64)
+        out[("seq", metric)] = st.reduce_stats(v, sequence_group=dist.group.WORLD)
     torch.save(out, os.path.join(tmpdir, f"dp{rank}.pt"))
 
 
@@ -213,8 +221,11 @@ def test_dp2_selection_equals_one_process_on_the_concatenation(tmp_path, megatro
         set_sat_iteration(attn, 7), set_sat_iteration(mlp, 7)
         ref_q, ref_c = attn.sat_select(x_cat)[1], mlp.sat_select(x_cat)
         for r in res:
-            assert r[combo]["calls"] == [2] + [0] * (gas - 1), combo  # attn + mlp, once
+            first = 2 if metric in ("maxip", "wanda") else 0  # attn + mlp, once; none for
+            assert r[combo]["calls"] == [first] + [0] * (gas - 1), combo  # input-free metrics
             for kept_q, kept_c in r[combo]["kept"]:
                 assert torch.equal(kept_q, ref_q) and torch.equal(kept_c, ref_c), combo
     for r in res:
         assert r["recompute"]["calls"] == [2, 2] and r["recompute"]["bit_equal"]
+        assert torch.equal(r[("seq", "maxip")], torch.full((3,), 1.5, dtype=torch.float64))
+        assert torch.equal(r[("seq", "wanda")], torch.full((3,), 3.0, dtype=torch.float64))
