@@ -26,6 +26,7 @@ import sys
 import pytest
 
 from test_train_common import TINY, make_data, read_metrics
+from tools_helpers import demo_data  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
