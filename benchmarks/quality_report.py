@@ -146,6 +146,8 @@ def markdown(results: dict, summary: dict) -> str:
     b, e, p = results["base"], results["extended_start"], results["preset_spec"]
     lines = [f"## Quality study, preset `{results['preset']}`", "",
              f"Command: `{results['command']}`", "",
+             "Run: {date}, {device}, OMP threads {threads}, torch {torch}.".format(
+                 **results["machine"]), "",
              f"Model: {p['note']}; CPT {p['cpt_iters']} iterations of "
              f"{p['global_batch_size'] * p['seq_length']} tokens, LR {p['cpt_lr']} cosine.", "",
              f"Base model on held-out domain A: ppl **{b['ppl']['A_reviews']['ppl']:.2f}** "
@@ -161,8 +163,10 @@ def markdown(results: dict, summary: dict) -> str:
                      f"{_fmt(r['source_ppl'])} | "
                      f"{'' if r['variant'] == 'dense' else f'{100 * gap:+.2f}%'} | "
                      f"{r['tokens_per_sec']:.1f} | {r['speedup']:.2f}x |")
-    lines += ["", "gap to dense: relative difference of the mean target ppl; tokens/s: median "
-              "over seeds of the trainer's whole-run tokens/s (first step excluded)."]
+    lines += ["", "ppl: tools/eval_ppl.py on held-out lines never trained on, extended "
+              "tokenizer (mean ± sd over seeds); gap to dense: relative difference of the mean "
+              "target ppl; tokens/s: median over seeds of the trainer's whole-run tokens/s "
+              "(first step excluded); seed k of every variant trains on the same data order."]
     if summary["equal_time"]:
         lines += ["", "### Equal wall-time (dense vs recommended SAT, validation loss)", "",
                   "| seed | SAT time for all steps (s) | dense step then | dense loss then | "

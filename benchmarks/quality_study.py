@@ -22,6 +22,7 @@ rerun redoes only what changed. Results: ``results.json``, ``results.md``, PNG p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -141,6 +142,7 @@ def eval_ppl(run: Runner, load: str, tokenizer: str, domains: dict, preset, out:
     args = ["--load", load, "--tokenizer-model", tokenizer, "--data"]
     args += [f"{k}={v}" for k, v in domains.items()]
     args += ["--seq-length", preset.seq_length, "--max-tokens", preset.eval_tokens,
+             "--micro-batch-size", 8,
              "--output-json", out, "--no-progress"]
     run("tools/eval_ppl.py", args, log)
     with open(out) as f:
@@ -228,8 +230,15 @@ def unigram_ppl(train_prefix: str, heldout: str, tokenizer: str, max_tokens: int
 
 
 # ---------------------------------------------------------------------------- pipeline
+def resolve_preset(a):
+    """The preset with the command line's overrides (for scaling a study up or down)."""
+    changes = {k: getattr(a, k) for k in ("base_iters", "cpt_iters", "seeds")
+               if getattr(a, k) is not None}
+    return dataclasses.replace(PRESETS[a.preset], **changes)
+
+
 def run_study(a) -> dict:
-    preset = PRESETS[a.preset]
+    preset = resolve_preset(a)
     variants = select_variants(a.variants)
     out = os.path.abspath(a.output_dir)
     work = os.path.join(out, "work")
@@ -263,7 +272,8 @@ def run_study(a) -> dict:
     base = Stage(work, "base", {"data": data.key, "model": preset.model,
                                 "seq": preset.seq_length, "mbs": preset.micro_batch_size,
                                 "gbs": preset.global_batch_size, "iters": preset.base_iters,
-                                "lr": preset.base_lr, "extra": preset.extra_flags, "v": 1})
+                                "lr": preset.base_lr, "extra": preset.extra_flags,
+                                "eval": preset.eval_tokens, "v": 1})
     if base.done:
         say(f"base model: cached ({base.dir})")
     else:
@@ -301,7 +311,8 @@ def run_study(a) -> dict:
           f"{b['hf_trip_max_abs_logit_diff']:.1e}", flush=True)
 
     # 3. vocabulary extension on B, resize the HF base, convert back, tokenise B
-    ext = Stage(work, "ext", {"base": base.key, "vocab": preset.ext_vocab_size, "v": 1})
+    ext = Stage(work, "ext", {"base": base.key, "vocab": preset.ext_vocab_size,
+                              "eval": preset.eval_tokens, "v": 1})
     if ext.done:
         say(f"vocabulary extension: cached ({ext.dir})")
     else:
@@ -335,7 +346,9 @@ def run_study(a) -> dict:
         flags = sat_flags(v, preset.cpt_iters)
         st = Stage(work, f"cpt-{v.name}-s{seed}", {"ext": ext.key, "flags": flags,
                                                    "seed": seed, "iters": preset.cpt_iters,
-                                                   "lr": preset.cpt_lr, "v": 1})
+                                                   "lr": preset.cpt_lr,
+                                                   "eval": [preset.eval_interval,
+                                                            preset.eval_iters], "v": 1})
         if not st.done:
             say(f"[{k}/{len(jobs)}] CPT {v.name} seed {seed}: {preset.cpt_iters} iterations")
             st.start()
@@ -356,7 +369,7 @@ def run_study(a) -> dict:
             say(f"[{k}/{len(jobs)}] CPT {v.name} seed {seed}: cached")
         runs.append({"variant": v.name, "label": v.label, "seed": seed, "flags": flags,
                      "metrics": st.path("metrics.jsonl"), **st.result()})
-    return {"preset": a.preset, "preset_spec": preset.__dict__, "english": a.english,
+    return {"preset": a.preset, "preset_spec": dataclasses.asdict(preset), "english": a.english,
             "base": b, "extended_start": ext.result(), "runs": runs,
             "variants": [v.name for v in variants], "seconds": time.time() - t_start}
 
@@ -373,13 +386,30 @@ def _vocab(tokenizer: str) -> int:
     return spm.SentencePieceProcessor(model_file=tokenizer).get_piece_size()
 
 
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": dev,
+            "threads": os.environ.get("OMP_NUM_THREADS", "all cores"),
+            "torch": torch.__version__}
+
+
 def rerun_command(a) -> str:
-    cmd = ["python", "benchmarks/quality_study.py", "--preset", a.preset,
-           "--output-dir", os.path.relpath(os.path.abspath(a.output_dir), REPO)]
+    out = os.path.abspath(a.output_dir)
+    if out.startswith(REPO + os.sep):
+        out = os.path.relpath(out, REPO)
+    cmd = ["python", "benchmarks/quality_study.py", "--preset", a.preset, "--output-dir", out]
     if a.variants:
         cmd += ["--variants", a.variants]
     if a.english:
         cmd.append("--english")
+    for k in ("base_iters", "cpt_iters", "seeds"):
+        if getattr(a, k) is not None:
+            cmd += ["--" + k.replace("_", "-"), str(getattr(a, k))]
     return shlex.join(cmd)
 
 
@@ -394,6 +424,10 @@ def main(argv=None) -> int:
                        v.name for v in select_variants(None)) + ")")
     p.add_argument("--english", action="store_true",
                    help="add the English demo text to the base model's domain A")
+    p.add_argument("--base-iters", type=int, help="override the preset's base iterations")
+    p.add_argument("--cpt-iters", type=int, help="override the preset's CPT iterations")
+    p.add_argument("--seeds", type=int, help="override the preset's seed count (multi-seed "
+                   "variants; the others run one)")
     p.add_argument("--cache-dir", default=None, help="demo data cache (fetch tool's default)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every CPT checkpoint (default: delete after evaluation)")
@@ -413,6 +447,7 @@ def main(argv=None) -> int:
     from quality_report import write_report
 
     results["command"] = cmd
+    results["machine"] = machine()
     paths = write_report(results, os.path.abspath(a.output_dir))
     print("\n" + open(paths["markdown"], encoding="utf-8").read())
     print(f"wrote {', '.join(paths.values())}\nrerun with:\n  {cmd}")

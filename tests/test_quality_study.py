@@ -65,11 +65,13 @@ def test_smoke_pipeline_end_to_end(tmp_path, demo_data):
     assert "unigram baseline" in md and "| SAT maxip+sampling+LORS" in md
     assert "python benchmarks/quality_study.py --preset smoke" in proc.stdout
     # a rerun redoes nothing: every stage is cached
-    again = _study(out, "--quiet")
+    again = _study(out)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "base model: cached" in again.stdout and "vocabulary extension: cached" in \
+        again.stdout and "CPT sat seed 0: cached" in again.stdout
+    assert "pretrain_llama.py" not in again.stdout.replace("rerun", "")
     assert json.loads((out / "results.json").read_text())["runs"][0]["ppl"] == \
         res["runs"][0]["ppl"]
-    assert "pretrain_llama.py" not in again.stdout
 
 
 @pytest.fixture(scope="module")
