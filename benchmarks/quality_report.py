@@ -142,6 +142,10 @@ def _fmt(mean_sd: tuple, digits: int = 2) -> str:
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if math.isfinite(s) else "")
 
 
+def _num(x, fmt: str) -> str:
+    return format(x, fmt) if x is not None and math.isfinite(x) else "n/a"
+
+
 def markdown(results: dict, summary: dict) -> str:
     b, e, p = results["base"], results["extended_start"], results["preset_spec"]
     lines = [f"## Quality study, preset `{results['preset']}`", "",
@@ -173,11 +177,16 @@ def markdown(results: dict, summary: dict) -> str:
                   "SAT final loss | dense time to SAT's final loss (s) | time-to-loss speedup |",
                   "|---|---|---|---|---|---|---|"]
         for q in summary["equal_time"]:
-            lines.append(f"| {q['seed']} | {q['sat_seconds']:.1f} | "
-                         f"{q['dense_step_at_sat_end']:.0f} | {q['dense_loss_at_sat_end']:.4f} | "
-                         f"{q['sat_final_loss']:.4f} | "
-                         f"{q['dense_seconds_to_sat_final_loss']:.1f} | "
-                         f"{q['time_to_loss_speedup']:.2f}x |")
+            lines.append(f"| {q['seed']} | {_num(q['sat_seconds'], '.1f')} | "
+                         f"{_num(q['dense_step_at_sat_end'], '.0f')} | "
+                         f"{_num(q['dense_loss_at_sat_end'], '.4f')} | "
+                         f"{_num(q['sat_final_loss'], '.4f')} | "
+                         f"{_num(q['dense_seconds_to_sat_final_loss'], '.1f')} | "
+                         f"{_num(q['time_to_loss_speedup'], '.2f')}x |")
+        lines += ["", "Wall time: the sum of the trainer's logged per-iteration times (process "
+                  "start, checkpoint loading and evaluation excluded). \"dense loss then\": "
+                  "dense's validation loss, interpolated, at the time SAT finished all steps "
+                  "(n/a before dense's first validation point)."]
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +205,7 @@ def plots(results: dict, out: str) -> dict:
         for r in runs:
             if r["variant"] in colours and r["curves"]["valid_loss"]:
                 ax.plot(r["curves"][axis], r["curves"]["valid_loss"], color=colours[r["variant"]],
-                        alpha=0.8, label=f"{r['variant']} seed {r['seed']}")
+                        alpha=0.8, marker=".", label=f"{r['variant']} seed {r['seed']}")
         ax.set_xlabel("iteration" if axis == "valid_iter" else "training wall time (s)")
         ax.set_ylabel("validation loss (domain B)")
         ax.legend(fontsize=7)
