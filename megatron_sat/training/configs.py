@@ -141,11 +141,18 @@ class CheckpointConfig:
     finetune: bool = False  # load weights only; start at iteration 0
     no_load_optim: bool = False  # load weights only
     no_load_rng: bool = False
+    ckpt_step: Optional[int] = None  # load this iteration instead of 'latest'
+    overwrite_save: bool = False  # a new run may replace the run held in --save
+    keep_last_n_checkpoints: int = 0  # 0: keep all
 
     def __post_init__(self):
         p = []
         if self.save_interval < 0:
             p.append("--save-interval must be >= 0")
+        if self.keep_last_n_checkpoints < 0:
+            p.append("--keep-last-n-checkpoints must be >= 1 (or 0 to keep all)")
+        if self.ckpt_step is not None and (self.ckpt_step < 0 or not self.load):
+            p.append("--ckpt-step needs --load DIR and an iteration >= 0")
         if self.save_interval and not self.save:
             p.append("--save-interval needs --save DIR")
         if (self.finetune or self.no_load_optim) and not self.load:

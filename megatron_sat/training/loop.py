@@ -139,28 +139,31 @@ def _setup_model(cfg: TrainConfig):
     from megatron_sat.model import build_gpt_model
     from megatron_sat.parallel import MPU
 
+    from megatron_sat.training import resume
+
     c, tp = cfg.checkpoint, cfg.parallel.tensor_model_parallel_size
-    found = ckpt.find_checkpoint(c.load) if c.load else None
-    if c.load and found is None:
-        if c.weights_only:
-            raise ConfigError(f"--load {c.load} holds no checkpoint (no 'latest' file, no "
-                                   f"mp_rank_00/); convert HF weights there first")
-        _print0(f" no checkpoint in --load {c.load}; starting from scratch")
+    it_dir = resume.resolve_load(c.load, c.save, c.ckpt_step, c.weights_only)
+    if c.load and it_dir is None:
+        _print0(f" --load {c.load} (= --save) holds no checkpoint yet; starting from scratch")
+    meta = resume.checkpoint_meta(it_dir) if it_dir else None
+    resume.check_save_target(cfg, it_dir)
+    resume.clear_save_for_overwrite(cfg, it_dir)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    if found:
-        ckpt.check_compatible(os.path.join(*found), cfg.shape, tp, tp_rank)
+    if it_dir:
+        resume.check_compatible(it_dir, meta, cfg.shape, tp)
     dtype = torch.bfloat16 if cfg.engine.bf16 else torch.float32
     model = build_gpt_model(cfg.shape, cfg.sat, tp=tp, params_dtype=dtype,
                             seq_length=cfg.batch.seq_length,
                             init_method_std=cfg.init_method_std)
-    if found and c.weights_only:
-        ckpt.load_weights(model, os.path.join(*found), tp_rank)
-        _print0(f" loaded weights from {os.path.join(*found)} (optimizer and step not loaded)")
+    if it_dir and c.weights_only:
+        resume.load_weights(model, it_dir, meta, tp_rank)
+        _print0(f" loaded weights from {it_dir} (optimizer and step not loaded)")
     engine, optimizer = build_engine(model, cfg, MPU())
     state = ckpt.TrainState()
-    if found and not c.weights_only:
-        state = ckpt.load_full(engine, found[0], found[1], restore_rng=not c.no_load_rng)
-        _print0(f" resumed from {os.path.join(*found)} at iteration {state.iteration}")
+    if it_dir and not c.weights_only:
+        state = resume.load_full(engine, it_dir, meta, restore_rng=not c.no_load_rng)
+        _print0(f" resumed from {it_dir} at iteration {state.iteration}")
+    state.lineage = resume.lineage_for(cfg, meta, resumed=bool(it_dir and not c.weights_only))
     return engine, optimizer, state
 
 

@@ -37,13 +37,15 @@ def _error(msg: str, code: int) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet()
+    from megatron_sat.tools.cli import ToolError
     from megatron_sat.training.arguments import parse_args
+    from megatron_sat.training.checkpointing import CheckpointSaveError
     from megatron_sat.training.configs import ConfigError
     from megatron_sat.training.loop import TrainingAborted
 
     try:
         cfg = parse_args(argv)
-    except ConfigError as e:
+    except (ConfigError, ToolError) as e:
         return _error(str(e), 2)
     _set_cpu_threads()
     from megatron_sat.parallel import destroy_parallel, initialize_parallel
@@ -53,8 +55,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_sat.training.loop import pretrain
 
         pretrain(cfg)
-    except ConfigError as e:
+    except (ConfigError, ToolError) as e:
         return _error(str(e), 2)
+    except CheckpointSaveError as e:
+        return _error(str(e), 1)
     except TrainingAborted as e:
         return _error(str(e), 3)
     finally:
