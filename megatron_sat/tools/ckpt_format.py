@@ -264,7 +264,7 @@ def is_megatron_checkpoint(path: os.PathLike | str) -> bool:
     return (path / LATEST_FILE).is_file() or (path / META_FILE).is_file()
 
 
-def _meta_of(it_dir: Path) -> dict:
+def validated_meta(it_dir: Path) -> dict:
     meta = read_json(it_dir / META_FILE, "checkpoint metadata",
                      f"the checkpoint is corrupt{others_hint(it_dir.parent, it_dir)}")
     if meta.get("format") not in READABLE_FORMATS:
@@ -287,7 +287,7 @@ def _meta_of(it_dir: Path) -> dict:
 
 def read_checkpoint_meta(path: os.PathLike | str, step: Optional[int] = None) -> dict:
     """``meta.json`` of the checkpoint (cheap: loads no tensors), validated."""
-    return _meta_of(find_iteration_dir(path, step))
+    return validated_meta(find_iteration_dir(path, step))
 
 
 def weight_file(it_dir: Path, meta: dict, tp_rank: int) -> Tuple[Path, bool]:
@@ -322,7 +322,7 @@ def load_megatron_checkpoint(path: os.PathLike | str, tp_rank: Optional[int] = N
                              step: Optional[int] = None) -> MegatronCheckpoint:
     """Load every TP rank (``tp_rank=None``) or just one, checking shape and vocab padding."""
     it_dir = find_iteration_dir(path, step)
-    meta = _meta_of(it_dir)
+    meta = validated_meta(it_dir)
     shape = LlamaShape.from_dict(meta["shape"])
     tp, padded = int(meta["tp"]), int(meta["padded_vocab_size"])
     if padded != shape.padded_vocab_size(tp):

@@ -132,8 +132,10 @@ def _gathered_state_dict(engine) -> dict:
 
 # ---- saving -------------------------------------------------------------------------------
 
-def _is_disk_full(exc: BaseException) -> bool:
-    seen = 0
+def _is_disk_full(exc: BaseException, where: Path) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain; torch's zip writer reports a full disk only as
+    "file write failed", so that case is confirmed by the free space left."""
+    first, seen = exc, 0
     while exc is not None and seen < 10:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -141,6 +143,11 @@ def _is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
         seen += 1
+    if "write failed" in str(first):
+        try:
+            return shutil.disk_usage(where).free < 16 * 2**20
+        except OSError:
+            return False
     return False
 
 
@@ -180,7 +187,8 @@ def _all_ok(ok: bool) -> bool:
     return flag.item() == 0.0
 
 
-def _fail(cfg: TrainConfig, state: TrainState, tag: str, exc: BaseException | None) -> None:
+def _fail(cfg: TrainConfig, state: TrainState, tag: str, exc: BaseException | None,
+          disk_full: bool) -> None:
     save = Path(cfg.checkpoint.save)
     latest = (save / LATEST_FILE).read_text().strip() if (save / LATEST_FILE).is_file() \
         else "none"
@@ -193,7 +201,7 @@ def _fail(cfg: TrainConfig, state: TrainState, tag: str, exc: BaseException | No
                 indent=1).encode())
         except OSError:
             pass
-    if exc is not None and _is_disk_full(exc):
+    if disk_full:
         raise CheckpointSaveError(
             f"disk full while saving checkpoint {tag} to {save}; {reached}; the last "
             f"complete checkpoint ({latest}) is intact; free space (or use "
@@ -248,10 +256,11 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
         except Exception as exc:  # noqa: BLE001
             error = exc
     if not _all_ok(error is None):
+        full = error is not None and _is_disk_full(error, save)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        _fail(cfg, state, tag, error)
+        _fail(cfg, state, tag, error, full)
     if rank == 0:
         (save / FAILED_SAVE_NOTE).unlink(missing_ok=True)
         if cfg.checkpoint.keep_last_n_checkpoints:

@@ -19,7 +19,6 @@ Why these choices:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -56,11 +55,14 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     user: dict = {}
     path = cfg.engine.deepspeed_config
     if path:
+        from megatron_sat.tools.cli import ToolError
+        from megatron_sat.tools.file_checks import read_json
+
         try:
-            with open(path) as f:
-                user = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--deepspeed_config {path}: {e}") from None
+            user = read_json(path, "--deepspeed_config", "give a DeepSpeed JSON config object")
+        except ToolError as e:
+            raise ConfigError(str(e)) from None
+        user = dict(user)
     problems = []
     for section in ("optimizer", "scheduler"):
         if section in user:

@@ -35,6 +35,18 @@ def _error(msg: str, code: int) -> int:
     return code
 
 
+def _preflight(cfg) -> None:
+    """Check every input file before any process group or model exists, on every rank:
+    a bad file then costs seconds, not a cluster start-up, and ends in one line."""
+    from megatron_sat.training.data import check_prefixes
+    from megatron_sat.training.engine import deepspeed_config
+    from megatron_sat.training.resume import preflight_checkpoint
+
+    check_prefixes(cfg.data, cfg.batch.seq_length)
+    deepspeed_config(cfg)
+    preflight_checkpoint(cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet()
     from megatron_sat.tools.cli import ToolError
@@ -45,6 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = parse_args(argv)
+        _preflight(cfg)
     except (ConfigError, ToolError) as e:
         return _error(str(e), 2)
     _set_cpu_threads()

@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_sat.model import LlamaShape
-from megatron_sat.tools.ckpt_format import (LATEST_FILE, META_FILE, _meta_of, complete_iterations,
-                                            find_iteration_dir, load_rank_payload, others_hint)
+from megatron_sat.tools.ckpt_format import (LATEST_FILE, META_FILE, validated_meta, complete_iterations,
+                                            find_iteration_dir, load_rank_payload, others_hint,
+                                            weight_file)
 from megatron_sat.tools.cli import ToolError
 from megatron_sat.tools.file_checks import load_torch_file
 from megatron_sat.training.checkpointing import (TrainState, _print0, run_settings,
@@ -77,7 +78,7 @@ def resolve_load(load: Optional[str], save: Optional[str], step: Optional[int],
 
 def checkpoint_meta(it_dir: Path) -> dict:
     try:
-        return _meta_of(it_dir)
+        return validated_meta(it_dir)
     except ToolError as exc:
         raise ConfigError(f"--load: {exc}") from None
 
@@ -138,6 +139,31 @@ def _check_files(it_dir: Path) -> None:
     fix = f"the checkpoint is truncated or corrupt{others_hint(it_dir.parent, it_dir)}"
     for f in sorted(it_dir.rglob("*.pt")):
         load_torch_file(f, "checkpoint file", fix, deepspeed=True)
+
+
+def preflight_checkpoint(cfg: TrainConfig) -> None:
+    """Before start-up: the checkpoint to load fits, every file it will read loads safely,
+    and ``--save`` may be written (no process group needed; every rank runs it)."""
+    c = cfg.checkpoint
+    it_dir = resolve_load(c.load, c.save, c.ckpt_step, c.weights_only)
+    check_save_target(cfg, it_dir)
+    if it_dir is None:
+        return
+    meta = checkpoint_meta(it_dir)
+    tp = cfg.parallel.tensor_model_parallel_size
+    check_compatible(it_dir, meta, cfg.shape, tp)
+    try:
+        if c.weights_only:
+            fix = f"the checkpoint is truncated or corrupt{others_hint(it_dir.parent, it_dir)}"
+            for r in range(tp):
+                f, is_ds = weight_file(it_dir, meta, r)
+                if not f.is_file():
+                    raise ToolError(f"checkpoint {it_dir} lacks {f.name}; {fix}")
+                load_torch_file(f, "checkpoint file", fix, deepspeed=is_ds)
+        else:
+            _check_files(it_dir)
+    except ToolError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_weights(module: torch.nn.Module, it_dir: Path, meta: dict, tp_rank: int) -> None:
