@@ -31,8 +31,9 @@ touching any tensor.  Two writers share one folder layout::
 
 Safe loading: every file is read with ``torch.load(weights_only=True)``
 (:func:`megatron_sat.tools.file_checks.load_torch_file`).  The one place that needs a
-pickle of other objects is DeepSpeed's ZeRO optimizer file, which names two plain-data
-DeepSpeed classes (the ZeRO stage enum and the loss scaler); those two are allow-listed,
+pickle of other objects is DeepSpeed's ZeRO optimizer file, which names plain-data
+DeepSpeed classes (the ZeRO stage enum, the loss scaler, ``fragment_address``, listed in
+``file_checks``); only those are allow-listed,
 everything else is refused, so a checkpoint received from someone else cannot run code.
 DeepSpeed's own loader (``weights_only=False``) only ever sees files that passed this check.
 

@@ -68,8 +68,9 @@ def _deepspeed_safe_globals() -> list:
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
-        out += [ZeroStageEnum, LossScaler, DynamicLossScaler]
+        out += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     except ImportError:
         pass
     return out
