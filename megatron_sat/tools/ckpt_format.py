@@ -59,8 +59,8 @@ from megatron_sat.tools.file_checks import load_torch_file, read_json
 
 FORMAT_NAME = "megatron-sat"
 FORMAT_VERSION = 1
-# Writers whose iteration folders hold the same mp_rank_XX/model.pt files: the tools
-# (FORMAT_NAME) and the trainer (megatron_sat.training.checkpointing).
+# The two writers whose folders every tool reads: the tools (FORMAT_NAME) and the trainer
+# (megatron_sat.training.checkpointing; weights in DeepSpeed's files, see the layout above).
 READABLE_FORMATS = (FORMAT_NAME, "megatron-sat-train")
 LATEST_FILE = "latest"
 META_FILE = "meta.json"

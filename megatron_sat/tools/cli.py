@@ -90,11 +90,13 @@ def atomic_dir(final: os.PathLike | str, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        fsync_tree(tmp)  # the contents reach disk before the final name points at them
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     finally:
