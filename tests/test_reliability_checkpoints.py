@@ -171,3 +171,8 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path):
     assert note["iteration"] == 3 and note["latest_complete"] == "iter_0000002"
     _check_files(save / "iter_0000002")  # every file loads
     assert load_megatron_checkpoint(save).iteration == 2
+    # space is back: an explicit --ckpt-step resumes from an older complete checkpoint
+    proc = run_trainer(args + ["--ckpt-step", "1"])
+    assert f"resumed from {save / 'iter_0000001'} at iteration 1" in proc.stdout
+    assert (save / "latest").read_text().strip() == "iter_0000004"
+    assert not (save / "save_failed.json").exists()
