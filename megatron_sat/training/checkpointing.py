@@ -10,7 +10,8 @@ replaces ``latest`` (fsync'd, by rename).  A SIGKILL at any moment therefore lea
 ``latest`` on a complete checkpoint and never an incomplete ``iter_*`` under its final
 name.  Temporaries a killed save left behind are removed, with a notice, by the next save.
 A full disk ends in one line (:class:`CheckpointSaveError`) with the previous checkpoint
-intact and a note of how far training got.
+intact and a note of how far training got.  As with Megatron, ``--save`` must be on a
+filesystem all nodes share (rank 0 renames what every rank wrote).
 """
 
 from __future__ import annotations

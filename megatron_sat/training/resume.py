@@ -134,10 +134,14 @@ def check_compatible(it_dir: Path, meta: dict, shape: LlamaShape, tp: int) -> No
                           f"tools/convert_checkpoint.py megatron-to-megatron)")
 
 
-def _check_files(it_dir: Path) -> None:
-    """Every DeepSpeed and RNG file of the checkpoint loads safely (weights_only)."""
+def _check_files(it_dir: Path, with_rng: bool = True) -> None:
+    """Every DeepSpeed (and RNG) file of the checkpoint loads safely (weights_only)."""
     fix = f"the checkpoint is truncated or corrupt{others_hint(it_dir.parent, it_dir)}"
     for f in sorted(it_dir.rglob("*.pt")):
+        if f.parent.name == "rng":
+            if with_rng:
+                load_torch_file(f, "RNG state", "pass --no-load-rng to resume without it")
+            continue
         load_torch_file(f, "checkpoint file", fix, deepspeed=True)
 
 
@@ -161,7 +165,7 @@ def preflight_checkpoint(cfg: TrainConfig) -> None:
                     raise ToolError(f"checkpoint {it_dir} lacks {f.name}; {fix}")
                 load_torch_file(f, "checkpoint file", fix, deepspeed=is_ds)
         else:
-            _check_files(it_dir)
+            _check_files(it_dir, with_rng=not c.no_load_rng)
     except ToolError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -187,7 +191,7 @@ def load_weights(module: torch.nn.Module, it_dir: Path, meta: dict, tp_rank: int
 def load_full(engine, it_dir: Path, meta: dict, restore_rng: bool) -> TrainState:
     """Exact resume: DeepSpeed state (model, optimizer), train state and RNG."""
     try:
-        _check_files(it_dir)
+        _check_files(it_dir, with_rng=restore_rng)
     except ToolError as exc:
         raise ConfigError(str(exc)) from None
     try:
