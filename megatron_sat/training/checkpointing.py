@@ -182,10 +182,12 @@ def prune_checkpoints(save: Path, keep: int) -> None:
             print(f" removed {folder} (--keep-last-n-checkpoints {keep})", flush=True)
 
 
-def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+def _agree(error: BaseException | None, save: Path) -> tuple[bool, bool]:
+    """(some rank failed, some rank found the disk full), the same on every rank."""
+    flags = torch.tensor([float(error is not None),
+                          float(error is not None and _is_disk_full(error, save))])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0].item()), bool(flags[1].item())
 
 
 def _fail(cfg: TrainConfig, state: TrainState, tag: str, exc: BaseException | None,
@@ -229,15 +231,27 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
     weights = _gathered_state_dict(engine) if zero3 else None  # collective under ZeRO-3
     error = None
     try:
-        (tmp / "rng").mkdir(parents=True, exist_ok=True)  # on every node, if not shared
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        error = exc
+    try:
         engine.save_checkpoint(str(save), tag=tmp_tag, client_state={}, save_latest=False)
+    except Exception as exc:  # noqa: BLE001 - a write failed on this rank
+        error = error or exc
+        # DeepSpeed's save ends in a barrier that the other ranks are waiting in; this
+        # rank raised between its two barriers, so it joins the final one here.
+        dist.barrier()
+    try:
+        if error is not None:
+            raise error
         if zero3 and ps.get_data_parallel_rank() == 0:
             write_rank_file(tmp, ps.get_tensor_model_parallel_rank(), weights, cfg.shape, tp,
                             iteration=state.iteration)
         torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     except Exception as exc:  # noqa: BLE001 - reported as one line below
         error = exc
-    if _all_ok(error is None) and rank == 0:
+    failed, full = _agree(error, save)
+    if not failed and rank == 0:
         try:
             meta = {"format": TRAIN_FORMAT, "format_version": 1, **state.to_dict(),
                     "dtype": "bf16" if cfg.engine.bf16 else "fp32", "shape": cfg.shape.to_dict(),
@@ -256,8 +270,9 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
             atomic_write_bytes(save / LATEST_FILE, (tag + "\n").encode())
         except Exception as exc:  # noqa: BLE001
             error = exc
-    if not _all_ok(error is None):
-        full = error is not None and _is_disk_full(error, save)
+    failed, full2 = _agree(error, save)
+    if failed:
+        full = full or full2
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
