@@ -115,7 +115,12 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
                 "dtype": "bf16" if cfg.engine.bf16 else "fp32", "shape": cfg.shape.to_dict(),
                 "tp": tp, "padded_vocab_size": cfg.shape.padded_vocab_size(tp),
                 "world_size": dist.get_world_size(),
-                "sat": cfg.sat.to_dict() if cfg.sat else None}
+                "sat": cfg.sat.to_dict() if cfg.sat else None,
+                # How the step ran (no effect on the weights' layout): issue 9.
+                "attention_backend": cfg.perf.resolved_backend(
+                    "cuda" if torch.cuda.is_available() else "cpu", cfg.engine.bf16),
+                "sequence_parallel": cfg.perf.sequence_parallel,
+                "recompute_granularity": cfg.perf.recompute_granularity}
         atomic_write_bytes(os.path.join(ckpt, "meta.json"), json.dumps(meta, indent=1).encode())
     dist.barrier()
     if rank == 0:
