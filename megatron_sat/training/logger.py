@@ -65,6 +65,7 @@ class IterationRecord:
     skipped: bool
     timed: bool = True  # False for the first step of a process (warm-up)
     split: Optional[dict] = None  # --timing-log-level: seconds per phase of this step
+    cpu_seconds: Optional[float] = None  # host process CPU time of this step
 
 
 @dataclass
@@ -110,7 +111,10 @@ class ThroughputLogger:
                                                         self.recompute)
         self.skipped_total += int(rec.skipped)
         self.last_record = rec
-        self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, rec.split)
+        split = dict(rec.split or {})
+        if rec.split is not None and rec.cpu_seconds is not None:
+            split["cpu"] = rec.cpu_seconds  # logged as time_cpu_ms: robust to other jobs
+        self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, split)
         if rec.timed:
             self.total.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, rec.split)
             self.phases.setdefault(rec.phase, _Window()).add(rec.iteration, rec.seconds,

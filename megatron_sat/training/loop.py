@@ -265,12 +265,13 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
         set_lr(engine, lr)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, skipped, stop_now = train_step(engine, optimizer, train_reader, cfg,
                                              state.consumed_samples, it, stop, timers)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - c0
         split = None
         if timers.enabled:
             timers.move_selection_out_of_forward(pop_sat_selection_seconds(engine.module))
@@ -287,7 +288,7 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
             iteration=state.iteration, seconds=seconds, kept=kept, rates=rates,
             phase=schedule_phase(cfg.sat, it) if cfg.sat else 0, lr=lr,
             grad_norm=None if skipped else _grad_norm(engine), skipped=skipped,
-            timed=not first, split=split))
+            timed=not first, split=split, cpu_seconds=cpu_seconds))
         first = False
         if state.iteration % cfg.logging.log_interval == 0 or state.iteration == cfg.train_iters:
             last_train_loss = _reduce_mean_dp(loss_sum, loss_count)

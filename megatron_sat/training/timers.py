@@ -6,7 +6,9 @@ synchronisation at each boundary (as Megatron's timers do at level >= 1).  SAT s
 runs inside the forward pass; the layers time it themselves
 (:func:`megatron_sat.control.pop_sat_selection_seconds`) and it is moved out of
 "forward" so the parts do not overlap.  Evaluation and checkpointing happen between
-iterations, are excluded from tokens/s, and are reported on their own.
+iterations, are excluded from tokens/s, and are reported on their own.  The host
+process's CPU time per iteration is logged too (``time_cpu_ms``): on a shared CPU
+machine it is what other jobs' load does not inflate.
 """
 
 from __future__ import annotations
