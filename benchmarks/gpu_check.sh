@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issues 5 and 9 in one go: at most ~8.5 minutes on one H200
-# (each part has its own timeout; the budgets add up to 510 s plus the wheel install).
+# (each part has its own timeout; the budgets add up to 500 s plus the wheel install).
 #
 #   bash benchmarks/gpu_check.sh        (device runner: carry=[".whl"])
 #
@@ -32,6 +32,9 @@
 # ops are never needed here: the trainer's optimizer is torch's fused AdamW.)
 # Results: $OUT (the device runner's output folder) or benchmarks/out/gpu: JSON, .md, and
 # summary.md with everything.
+#
+# GPU_CHECK_DRY=1 runs the same steps on CPU with tiny shapes (about 2 minutes): a check
+# of the script itself, before spending device time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${OUT:-benchmarks/out/gpu}
@@ -50,7 +53,13 @@ if ! $PY -c "import megatron.core, deepspeed" 2>/dev/null; then
       --target /tmp/sat_deps "${wheels[@]}" || exit 2
   export PYTHONPATH=$PYTHONPATH:/tmp/sat_deps
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+DEV=cuda DT=bf16 E2E="--e2e-model llama2-7b-4l --seq-length 4096 --micro-batch 1 --iters 20"
+LAYERS="--micro-batch 2 --seq-length 4096 --layers 4 --iters 12" PRESETS="tinyllama-1.1b llama2-7b llama2-13b"
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+  DEV=cpu E2E="--e2e-model tiny --seq-length 64 --micro-batch 1 --iters 2"
+  LAYERS="--micro-batch 1 --seq-length 64 --layers 1 --iters 2" PRESETS="tiny"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi"
   $PY -c "import torch, megatron.core, deepspeed; print('torch', torch.__version__,
 '| megatron-core', megatron.core.__version__, '| deepspeed', deepspeed.__version__)"
   $PY -c "from megatron_sat.core_attention import flash_available as f; print('flash-attn', f())"
@@ -65,14 +74,14 @@ run() {  # run NAME TIMEOUT CMD...: one part, its log in $DEST/NAME.log
   echo "=== $name took $((SECONDS - t0)) s" >&2
 }
 
-run smoke 60 $PY benchmarks/gpu_smoke.py --device cuda --output-dir "$DEST"
-run e2e-7b-4l 220 $PY benchmarks/throughput.py --end-to-end --e2e-model llama2-7b-4l \
-    --device cuda --dtype bf16 --attention auto --rates 0.5 --seq-length 4096 \
-    --micro-batch 1 --iters 8 --warmup 3 --e2e-rounds 1 --output-dir "$DEST"
-for preset in tinyllama-1.1b llama2-7b llama2-13b; do
-  run "layers-$preset" 75 $PY benchmarks/throughput.py --preset "$preset" --device cuda \
-      --dtype bf16 --attention auto --micro-batch 2 --seq-length 4096 --layers 4 \
-      --iters 12 --warmup 3 --output-dir "$DEST"
+run smoke 60 $PY benchmarks/gpu_smoke.py --device $DEV --output-dir "$DEST"
+# shellcheck disable=SC2086
+run e2e 200 $PY benchmarks/throughput.py --end-to-end $E2E --device $DEV --dtype $DT \
+    --attention auto --rates 0.5 --warmup 5 --e2e-rounds 1 --output-dir "$DEST"
+for preset in $PRESETS; do
+  # shellcheck disable=SC2086
+  run "layers-$preset" 80 $PY benchmarks/throughput.py --preset "$preset" --device $DEV \
+      --dtype $DT --attention auto $LAYERS --warmup 3 --output-dir "$DEST"
 done
 cat "$DEST"/gpu.txt "$DEST"/*.md > "$DEST/summary.md" 2>/dev/null
 cat "$DEST/summary.md"
