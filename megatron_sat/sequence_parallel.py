@@ -1,9 +1,9 @@
 """Sequence parallelism for SAT layers: the tensor-parallel region mappings of the
 sparse path, and an RMSNorm that works on sequence shards.
 
-Why the mappings: megatron's ``ColumnParallelLinear`` / ``RowParallelLinear`` do this inside their own
-forward, but SAT's sparse path computes with weight slices directly (SAT_SPEC §4), so it
-must apply the same mappings itself:
+Why the mappings: megatron's ``ColumnParallelLinear`` / ``RowParallelLinear`` do this
+inside their own forward, but SAT's sparse path computes with weight slices directly
+(SAT_SPEC §4), so it must apply the same mappings itself:
 
 * without sequence parallelism the input is replicated on the TP ranks (``copy``:
   identity forward, all-reduce of the input gradient) and the row-parallel output is

@@ -91,3 +91,22 @@ def test_flash_on_cpu_through_the_entry_point_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(err) == 1 and "flash" in err[0]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_hardware_flops_count_recomputation_exactly():
+    from megatron_sat.model import LlamaShape
+    from megatron_sat.training.flops import (KeptFractions, Recompute,
+                                             layer_forward_flops_per_token,
+                                             recompute_flops_per_token)
+
+    shape = LlamaShape(6, 256, 704, 8, 2, vocab_size=1000)
+    kept = KeptFractions(0.5, 1.0, 0.5)
+    layer = layer_forward_flops_per_token(shape, 512, kept)
+    assert recompute_flops_per_token(shape, 512, kept, Recompute()) == 0
+    assert recompute_flops_per_token(shape, 512, kept, Recompute("full", "uniform", 2)) \
+        == 6 * layer
+    assert recompute_flops_per_token(shape, 512, kept, Recompute("full", "block", 2)) \
+        == 2 * layer
+    # selective: QKᵀ and AV of the kept query heads, causal half, every layer.
+    assert recompute_flops_per_token(shape, 512, kept, Recompute("selective")) \
+        == 6 * 4 * 512 * 256 * 0.5 * 0.5
