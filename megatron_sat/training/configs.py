@@ -210,7 +210,7 @@ class PerformanceConfig:
     num_layers: Optional[int] = None
 
     def __post_init__(self):
-        from megatron_sat.core_attention import ATTENTION_BACKENDS
+        from megatron_sat.attention_backend import ATTENTION_BACKENDS
 
         p = []
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -248,7 +248,7 @@ class PerformanceConfig:
         ``flash`` cannot run here."""
         import torch
 
-        from megatron_sat.core_attention import resolve_attention_backend
+        from megatron_sat.attention_backend import resolve_attention_backend
 
         try:
             return resolve_attention_backend(self.attention_backend, device_type,
