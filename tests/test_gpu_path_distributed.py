@@ -17,7 +17,8 @@ SEQ, MB, VOCAB = 16, 2, 128
 def _shape():
     from megatron_sat.model import LlamaShape
 
-    return LlamaShape(2, 64, 128, 4, 4, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    # GQA: 8 query heads in 4 groups; each TP=2 rank holds 2 groups of 2 query heads.
+    return LlamaShape(2, 64, 128, 8, 4, vocab_size=VOCAB, max_position_embeddings=SEQ)
 
 
 def _sat():
