@@ -168,7 +168,8 @@ class ThroughputLogger:
             values["mem_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self.last_line = values
         if self.is_writer:
-            print(self.format_line(values) + _timing_text(values), flush=True)
+            print(self.format_line(values) + _hfu_text(values) + _timing_text(values),
+                  flush=True)
             self._write("train", values)
         return values
 
@@ -268,6 +269,16 @@ class ThroughputLogger:
 _THROUGHPUT_KEYS = {"ms_per_iter", "samples_per_sec", "tokens_per_sec", "tokens_per_sec_per_gpu",
                     "tflops_per_gpu", "dense_equiv_tokens_per_sec", "mfu", "consumed_tokens",
                     "consumed_samples", "hw_tflops_per_gpu", "hfu"}
+
+
+def _hfu_text(v: dict) -> str:
+    """Hardware FLOP/s and HFU, printed only when recomputation makes them differ."""
+    if v.get("hw_tflops_per_gpu", 0.0) <= v.get("tflops_per_gpu", 0.0):
+        return ""
+    out = f" hardware TFLOP/s per GPU (with recomputation): {v['hw_tflops_per_gpu']:.4f} |"
+    if v.get("hfu") is not None:
+        out += f" HFU: {100.0 * v['hfu']:.2f}% |"
+    return out
 
 
 def _timing_text(v: dict) -> str:
