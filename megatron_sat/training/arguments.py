@@ -16,7 +16,8 @@ from megatron_sat.config import SATConfig
 from megatron_sat.model import PRESETS, LlamaShape
 from megatron_sat.training.configs import (BatchConfig, CheckpointConfig, ConfigError,
                                            DataConfig, EngineConfig, LoggingConfig,
-                                           OptimizerConfig, ParallelConfig, TrainConfig)
+                                           OptimizerConfig, ParallelConfig,
+                                           PerformanceConfig, TrainConfig)
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by")
@@ -137,7 +138,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sat-seed", type=int, help="default: --seed")
     g.add_argument("--sat-dp-consistent", action=argparse.BooleanOptionalAction,
                    default=d.dp_consistent)
+    _add_performance_args(p)
     return p
+
+
+def _add_performance_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's names for the attention kernel, recomputation, SP and timers."""
+    g = p.add_argument_group("performance (attention kernel, recomputation, timers)")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto (flash when installed and applicable, else sdpa), flash "
+                        "(flash-attn; CUDA, bf16), sdpa (PyTorch) or unfused (megatron-core's "
+                        "DotProductAttention); dense and SAT steps use the same one")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="Megatron-DeepSpeed's alias for --attention-backend flash")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the sequence over the TP ranks outside the TP regions (TP >= 2)")
+    g.add_argument("--timing-log-level", type=int, default=0,
+                   help="1 (or 2): split each iteration into data, forward, SAT selection, "
+                        "backward and optimizer time, and report evaluation and checkpoint "
+                        "time; synchronises the device at each boundary")
+
+
+def _performance_from_args(a, tp: int, num_layers: int) -> PerformanceConfig:
+    backend = a.attention_backend
+    if a.use_flash_attn:
+        if backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn contradicts --attention-backend {backend}; "
+                              f"give one of them")
+        backend = "flash"
+    return PerformanceConfig(backend, a.recompute_granularity, a.recompute_method,
+                             a.recompute_num_layers, a.sequence_parallel, a.timing_log_level,
+                             tp, num_layers)
 
 
 def _architecture_problems(a) -> list[str]:
@@ -264,6 +298,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     tok_vocab, eos = _tokenizer_facts(a.tokenizer_model)
     shape = _shape_from_args(a, tok_vocab, _checkpoint_shape(a))
     parallel = ParallelConfig(a.tensor_model_parallel_size, world_size)
+    perf = _performance_from_args(a, a.tensor_model_parallel_size, shape.num_layers)
+    import torch
+
+    perf.resolved_backend("cuda" if torch.cuda.is_available() else "cpu", a.bf16)
     dp = parallel.data_parallel_size
     batch = BatchConfig(a.micro_batch_size, a.global_batch_size or a.micro_batch_size * dp,
                         a.seq_length, dp)
@@ -307,5 +345,5 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         engine=EngineConfig(a.zero_stage, a.deepspeed_config, a.bf16),
         sat=sat, train_iters=a.train_iters, seed=a.seed, init_method_std=a.init_method_std,
         max_skipped_iters=a.max_skipped_iters, inject_nan_iters=nan_iters,
-        exit_interval=a.exit_interval,
+        exit_interval=a.exit_interval, perf=perf,
     )

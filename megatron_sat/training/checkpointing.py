@@ -260,6 +260,11 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
                     "zero_stage": engine.zero_optimization_stage(),
                     "weights": "mp_rank" if zero3 else "deepspeed",
                     "sat": cfg.sat.to_dict() if cfg.sat else None,
+                    # How the step ran (no effect on the weights' layout): issue 9.
+                    "attention_backend": cfg.perf.resolved_backend(
+                        "cuda" if torch.cuda.is_available() else "cpu", cfg.engine.bf16),
+                    "sequence_parallel": cfg.perf.sequence_parallel,
+                    "recompute_granularity": cfg.perf.recompute_granularity,
                     "run": run_settings(cfg), **state.lineage}
             atomic_write_bytes(tmp / META_FILE, json.dumps(meta, indent=1).encode())
             fsync_tree(tmp)

@@ -125,6 +125,11 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, mpu):
     optimizer = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg))
+    if engine.zero_optimization_stage() == 0 and mpu.get_data_parallel_world_size() == 1:
+        # One data-parallel rank: nothing to all-reduce, but DeepSpeed's stage-0 path
+        # still flattens every gradient into buckets and back each step (~3 passes over
+        # all gradients; ~35 ms of a 1.2 s CPU step, measured by benchmarks/bench_e2e.py).
+        engine.enable_backward_allreduce = False
     if engine.zero_optimization_stage() == 3 and cfg.sat is not None:
         # SAT layers read their child linears' weights directly; ZeRO-3 must gather them.
         from megatron_sat.control import sat_external_parameters
