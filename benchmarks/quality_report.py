@@ -40,6 +40,7 @@ def read_curves(metrics_file: str) -> dict:
         t += s
         wall.append(t)
     at = {r["iteration"]: w for r, w in zip(train, wall)}
+    cpu = [r["time_cpu_ms"] for r in train[1:] if r.get("time_cpu_ms") is not None]
     return {"iteration": [r["iteration"] for r in train], "wall": wall,
             "train_loss": [r["lm_loss"] for r in train],
             "attn_rate": [r["attn_omission_rate"] for r in train],
@@ -48,6 +49,7 @@ def read_curves(metrics_file: str) -> dict:
             "valid_wall": [at.get(r["iteration"], float("nan")) for r in valid],
             "valid_loss": [r["lm_loss"] for r in valid],
             "tokens_per_sec": (summary or {}).get("overall", {}).get("tokens_per_sec"),
+            "cpu_ms_per_iter": statistics.mean(cpu) if cpu else None,
             "tokens_per_iter": train[0]["tokens"] // max(train[0]["iterations"], 1)
             if train else 0}
 
@@ -115,10 +117,12 @@ def summarise(results: dict) -> dict:
         tgt = [r["ppl"]["B_news"]["ppl"] for r in runs]
         src = [r["ppl"]["A_reviews"]["ppl"] for r in runs]
         tps = [r["curves"]["tokens_per_sec"] for r in runs if r["curves"]["tokens_per_sec"]]
+        cpu = [r["curves"]["cpu_ms_per_iter"] for r in runs if r["curves"]["cpu_ms_per_iter"]]
         rows.append({"variant": name, "label": runs[0]["label"], "seeds": len(runs),
                      "target_ppl": _ms(tgt), "source_ppl": _ms(src),
                      "target_ppl_runs": tgt, "source_ppl_runs": src,
                      "tokens_per_sec": statistics.median(tps) if tps else float("nan"),
+                     "cpu_ms_per_iter": statistics.median(cpu) if cpu else float("nan"),
                      "final_valid_loss": _ms([r["curves"]["valid_loss"][-1] for r in runs
                                               if r["curves"]["valid_loss"]])})
     dense = next((r for r in rows if r["variant"] == "dense"), None)
@@ -126,6 +130,8 @@ def summarise(results: dict) -> dict:
         r["gap_to_dense"] = (r["target_ppl"][0] / dense["target_ppl"][0] - 1.0) if dense \
             else float("nan")
         r["speedup"] = (r["tokens_per_sec"] / dense["tokens_per_sec"]) if dense \
+            else float("nan")
+        r["cpu_time_speedup"] = (dense["cpu_ms_per_iter"] / r["cpu_ms_per_iter"]) if dense \
             else float("nan")
     pairs = []
     for d in by.get("dense", []):
@@ -160,17 +166,22 @@ def markdown(results: dict, summary: dict) -> str:
              f"After vocabulary extension (vocabulary {e['vocab_size']}), before CPT: "
              f"B ppl {e['ppl']['B_news']['ppl']:.2f}, A ppl {e['ppl']['A_reviews']['ppl']:.2f}.",
              "", "| variant | seeds | target ppl (B news) | source ppl (A reviews) | "
-             "gap to dense | tokens/s | speedup |", "|---|---|---|---|---|---|---|"]
+             "gap to dense | tokens/s | speedup | speedup (CPU time) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         gap = r["gap_to_dense"]
         lines.append(f"| {r['label']} | {r['seeds']} | {_fmt(r['target_ppl'])} | "
                      f"{_fmt(r['source_ppl'])} | "
                      f"{'' if r['variant'] == 'dense' else f'{100 * gap:+.2f}%'} | "
-                     f"{r['tokens_per_sec']:.1f} | {r['speedup']:.2f}x |")
+                     f"{r['tokens_per_sec']:.1f} | {r['speedup']:.2f}x | "
+                     f"{_num(r['cpu_time_speedup'], '.2f')}x |")
     lines += ["", "ppl: tools/eval_ppl.py on held-out lines never trained on, extended "
               "tokenizer (mean ± sd over seeds); gap to dense: relative difference of the mean "
               "target ppl; tokens/s: median over seeds of the trainer's whole-run tokens/s "
-              "(first step excluded); seed k of every variant trains on the same data order."]
+              "(first step excluded); speedup (CPU time): dense's process CPU time per iteration over "
+              "the variant's (the trainer's time_cpu_ms; unlike wall time it does not change "
+              "when other jobs share the machine); seed k of every variant trains on the same "
+              "data order."]
     if summary["equal_time"]:
         lines += ["", "### Equal wall-time (dense vs recommended SAT, validation loss)", "",
                   "| seed | SAT time for all steps (s) | dense step then | dense loss then | "

@@ -156,7 +156,7 @@ def run_study(a) -> dict:
         flags = sat_flags(v, preset.cpt_iters)
         st = Stage(work, f"cpt-{v.name}-s{seed}", {"ext": ext.key, "flags": flags,
                                                    "seed": seed, "iters": preset.cpt_iters,
-                                                   "lr": preset.cpt_lr,
+                                                   "lr": preset.cpt_lr, "timing": 1,
                                                    "eval": [preset.eval_interval,
                                                             preset.eval_iters], "v": 1})
         if not st.done:
@@ -167,7 +167,7 @@ def run_study(a) -> dict:
                               ext.dir)
                 + ["--load", ext.path("megatron"), "--finetune", "--save", st.path("ckpt"),
                    "--log-interval", 1, "--eval-interval", preset.eval_interval,
-                   "--eval-iters", preset.eval_iters,
+                   "--eval-iters", preset.eval_iters, "--timing-log-level", 1,
                    "--metrics-file", st.path("metrics.jsonl")] + ckpt_vocab + flags,
                 st.path("train.log"))
             ppl = eval_ppl(run, st.path("ckpt"), tok, heldout, preset, st.path("ppl.json"),
