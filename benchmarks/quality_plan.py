@@ -49,9 +49,12 @@ PRESETS = {
         cpt_iters=8, cpt_lr=1e-3, eval_interval=4, eval_iters=2, a_train_lines=600,
         b_train_lines=1500, heldout_lines=20, eval_tokens=1500, ext_vocab_size=3000, seeds=1,
         note="pipeline check only; the numbers mean nothing"),
-    # The recorded run: <= 100 min on 2 idle CPU cores (see the estimate in the report).
-    # MLP-heavy like the demo so the attention/MLP work SAT can skip is most of the FLOPs,
-    # as it is at 7B (there the 32000-row LM head is ~2% of the FLOPs).
+    # The recorded run: <= 100 min on 2 idle CPU cores. MLP-heavy like the demo so the
+    # attention/MLP work SAT can skip is most of the FLOPs, as it is at 7B (there the
+    # 32000-row LM head is ~2% of the FLOPs). Sizing, from process CPU time per step on
+    # one thread (2026-11-29, the 2-core project machine): base 1.16 s, CPT dense 1.09 s,
+    # CPT SAT at rho 0.5 0.88 s. Base ~15 min; 15 CPT runs ~49 min; eval_ppl ~9 min;
+    # validation, process starts and tools ~6 min: ~80 min on one thread, less on two.
     "cpu": Preset(
         model=("--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "4096",
                "--num-attention-heads", "4"),
