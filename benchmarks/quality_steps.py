@@ -170,9 +170,10 @@ def hf_trip_check(megatron_ckpt: str, hf_dir: str, vocab: int, seq: int) -> floa
         load_state_dict_into(model, {k: v.float() for k, v in ck.model(0).items()
                                      if torch.is_tensor(v) and v.is_floating_point()})
         model.eval()
+        dev = next(model.parameters()).device  # megatron-core builds on the GPU if any
         pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
         with torch.no_grad():
-            ours = model(ids, pos, None)[..., :vocab]  # [b, s, vocab]
+            ours = model(ids.to(dev), pos.to(dev), None)[..., :vocab].cpu()  # [b, s, vocab]
     finally:
         destroy_parallel()
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
