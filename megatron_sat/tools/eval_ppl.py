@@ -152,7 +152,10 @@ def _hf_model(path: str) -> Tuple[LogitsFn, int, Callable[[], None]]:
     except Exception as exc:  # noqa: BLE001 - transformers' errors are multi-frame
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise ToolError(f"transformers cannot load '{path}' ({first}); check the folder") from None
-    return (lambda ids: model(ids).logits), shape.vocab_size, lambda: None
+    if torch.cuda.is_available():  # score on the GPU when there is one, like the megatron path
+        model = model.cuda()
+    dev = next(model.parameters()).device
+    return (lambda ids: model(ids.to(dev)).logits), shape.vocab_size, lambda: None
 
 
 def _megatron_model(path: str, seq_length: int) -> Tuple[LogitsFn, int, Callable[[], None]]:
@@ -175,8 +178,11 @@ def _megatron_model(path: str, seq_length: int) -> Tuple[LogitsFn, int, Callable
     model.eval()
     vocab = ckpt.shape.vocab_size
 
+    dev = next(model.parameters()).device  # build_gpt_model puts it on the GPU if any
+
     def logits(ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        ids = ids.to(dev)
+        pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0).expand_as(ids)
         return model(ids, pos, None)[..., :vocab]  # [b, s, padded] -> [b, s, vocab]
 
     return logits, vocab, (destroy_parallel if started_here else (lambda: None))
@@ -232,7 +238,7 @@ def score_stream(logits_fn: LogitsFn, tokens: torch.Tensor, config: EvalConfig,
         ids = torch.stack([tokens[b:e] for b, e, _ in batch])  # [b, s]
         logp = torch.log_softmax(logits_fn(ids).float(), dim=-1)  # [b, s, v]
         for row, (b, e, first) in enumerate(batch):
-            tgt = tokens[first:e]  # targets at absolute positions first..e-1
+            tgt = tokens[first:e].to(logp.device)  # targets at absolute positions first..e-1
             pred = logp[row, first - b - 1: e - b - 1]  # predicted from the previous position
             lp = pred.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
             keep = tgt != ignore_id if ignore_id is not None else torch.ones_like(tgt, dtype=torch.bool)
