@@ -47,7 +47,7 @@ def run_sft(args, nproc=1, timeout=600, env_extra=None):
     """``sft_llama.py`` in fresh processes (torchrun for 2), the way users launch it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_CPU": "true", **(env_extra or {})}
+           **(env_extra or {})}
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "sft_llama.py")]
     else:

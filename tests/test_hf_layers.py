@@ -166,6 +166,17 @@ def test_state_dict_unchanged_and_remove_sat():
     with pytest.raises(SATError, match="attn_implementation='sdpa'"):
         apply_sat(tiny_llama(4, 2, attn="flex_attention"), sat_cfg(0.5))
 
+    class Adapter(torch.nn.Module):  # e.g. a LoRA wrapper around a projection
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+    wrapped = tiny_llama(4, 2)
+    wrapped.model.layers[1].mlp.up_proj = Adapter(wrapped.model.layers[1].mlp.up_proj)
+    with pytest.raises(SATError, match="plain nn.Linear.*up_proj"):
+        apply_sat(wrapped, sat_cfg(0.5))
+    assert type(wrapped.model.layers[0].mlp).__name__ == "LlamaMLP"  # all or nothing
+
 
 def test_save_pretrained_plain_checkpoint(tmp_path):
     """apply_sat -> train step -> save_pretrained -> fresh process without megatron_sat."""

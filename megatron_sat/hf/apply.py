@@ -97,16 +97,24 @@ def apply_sat(model, config: SATConfig):
         raise SATError("apply_sat was already applied to this model; call remove_sat first")
     attn_cls, mlp_cls = _stock_classes(model.config.model_type)
     token_mask = TokenMask()
-    for i, layer in enumerate(decoder.layers):
-        for name, stock, mixin in (("self_attn", attn_cls, SATAttentionMixin),
-                                   ("mlp", mlp_cls, SATMLPMixin)):
-            module = getattr(layer, name)
-            if type(module) is not stock:
-                raise SATError(f"layer {i}.{name} is a {type(module).__name__}, not "
-                               f"{stock.__name__}; apply SAT before wrapping modules "
-                               f"(e.g. before PEFT) and only to {model.config.model_type} models")
-            module.__class__ = sat_class(stock, mixin)
-            module.sat_setup(config, i + 1, token_mask)
+    swapped = []
+    try:
+        for i, layer in enumerate(decoder.layers):
+            for name, stock, mixin in (("self_attn", attn_cls, SATAttentionMixin),
+                                       ("mlp", mlp_cls, SATMLPMixin)):
+                module = getattr(layer, name)
+                if type(module) is not stock:
+                    raise SATError(f"apply_sat: layer {i}.{name} is a {type(module).__name__}, "
+                                   f"not {stock.__name__}; apply SAT to an unwrapped "
+                                   f"{model.config.model_type} model")
+                module.__class__ = sat_class(stock, mixin)
+                swapped.append(module)
+                module.sat_setup(config, i + 1, token_mask)
+    except (SATError, ValueError) as exc:
+        for module in swapped:  # all or nothing
+            module.__dict__.pop("sat_state", None)
+            module.__class__ = module._sat_stock_class
+        raise SATError(str(exc) if isinstance(exc, SATError) else f"apply_sat: {exc}") from None
     hook = decoder.register_forward_pre_hook(_capture_padding(token_mask), with_kwargs=True)
     decoder.sat_handle = SATHandle(config, token_mask, hook)
     return model

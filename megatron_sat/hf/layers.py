@@ -47,6 +47,35 @@ class TokenMask:
         return x[m.to(device=x.device, dtype=torch.bool)]
 
 
+def _amp_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when ``x``'s device runs under ``torch.autocast`` (HF ``--bf16``
+    without DeepSpeed), else ``None``."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _param(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]):
+    """``t`` in the compute dtype (a differentiable cast, as autocast itself makes)."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_off(fn):
+    """Run a sparse forward with autocast's casts made explicitly, then autocast off.
+
+    Why: the sliced ops are autograd Functions; under autocast their forward would run in
+    the autocast dtype while their backward (outside autocast) would meet fp32 weights.
+    Casting input and weights first (exactly what autocast does for ``F.linear``) keeps
+    forward and backward in one dtype; the casts' backward returns fp32 gradients.
+    """
+    def wrapper(self, x, *args):
+        dtype = _amp_dtype(x)
+        if dtype is None:
+            return fn(self, x, *args, dtype=None)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(self, x.to(dtype), *args, dtype=dtype)
+    return wrapper
+
+
 def _world_group():
     """HF runs replicate the whole model on every rank (DDP / ZeRO): DP = the world."""
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
@@ -69,6 +98,15 @@ class _SATModuleMixin:
             self.sat_state.data_parallel_group = _world_group()
         return self.sat_token_mask.real_tokens(x)
 
+    def _sat_check_linears(self, names) -> None:
+        """The sparse path reads the projections' weights itself: adapters (e.g. LoRA
+        wrappers) on them would be silently skipped, so they are refused."""
+        bad = [n for n in names if type(getattr(self, n)) is not torch.nn.Linear]
+        if bad:
+            raise ValueError(f"SAT needs plain nn.Linear projections, but {', '.join(bad)} "
+                             f"of {type(self).__name__} are {type(getattr(self, bad[0])).__name__}; "
+                             f"SAT speeds up full fine-tuning: do not add adapters to a SAT model")
+
     def _sat_detach(self) -> None:
         del self.sat_state, self.sat_token_mask
 
@@ -83,6 +121,7 @@ class SATAttentionMixin(_SATModuleMixin):
     """
 
     def sat_setup(self, config, layer_number: int, token_mask: TokenMask) -> None:
+        self._sat_check_linears(("q_proj", "k_proj", "v_proj", "o_proj"))
         # ``out_features``, not ``weight.shape``: under ZeRO-3 the weight may be partitioned.
         self.sat_groups = self.k_proj.out_features // self.head_dim  # ng
         self.sat_q_per_group = self.q_proj.out_features // self.head_dim // self.sat_groups
@@ -106,6 +145,8 @@ class SATAttentionMixin(_SATModuleMixin):
     @torch.no_grad()
     def sat_select(self, hidden_states: torch.Tensor):
         """``(kept_groups [g'], kept_q [g', k_q])`` of this iteration (SAT_SPEC §1–§3)."""
+        if self.sat_state.cached_selection() is None:  # once per iteration
+            self._sat_check_linears(("q_proj", "k_proj", "v_proj", "o_proj"))
         return select_heads(self.sat_state, self._sat_stats_input(hidden_states),
                             self.sat_head_sums, self.sat_groups, self.sat_q_per_group)
 
@@ -119,7 +160,8 @@ class SATAttentionMixin(_SATModuleMixin):
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         return self._sat_forward(hidden_states, position_embeddings, attention_mask)
 
-    def _sat_forward(self, hidden_states, position_embeddings, attention_mask):
+    @_autocast_off
+    def _sat_forward(self, hidden_states, position_embeddings, attention_mask, dtype=None):
         # hidden_states: [b, s, h], the normalised input of q/k/v_proj.
         # A KV cache passed in training is left untouched: it only serves generation,
         # which runs in eval mode, where this layer is the stock layer.
@@ -130,23 +172,24 @@ class SATAttentionMixin(_SATModuleMixin):
         offs = torch.arange(d, device=kept_q.device)
         q_heads = kept_groups[:, None] * q + kept_q  # [g', k_q] query-head ids
         q_rows = (q_heads[:, :, None] * d + offs).reshape(-1)  # [g' * k_q * d]
-        query = ops.linear_rows(hidden_states, self.q_proj.weight, q_rows, self.q_proj.bias)
+        w = {n: (_param(m.weight, dtype), _param(m.bias, dtype)) for n, m in (
+            ("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj), ("o", self.o_proj))}
+        query = ops.linear_rows(hidden_states, w["q"][0], q_rows, w["q"][1])
         if q == 1:  # MHA: a dropped head drops its K and V rows too
-            kv_rows = q_rows
-            key = ops.linear_rows(hidden_states, self.k_proj.weight, kv_rows, self.k_proj.bias)
-            value = ops.linear_rows(hidden_states, self.v_proj.weight, kv_rows, self.v_proj.bias)
+            key = ops.linear_rows(hidden_states, w["k"][0], q_rows, w["k"][1])
+            value = ops.linear_rows(hidden_states, w["v"][0], q_rows, w["v"][1])
         else:  # GQA: every group and its K/V head stay
-            key, value = self.k_proj(hidden_states), self.v_proj(hidden_states)
+            key, value = F.linear(hidden_states, *w["k"]), F.linear(hidden_states, *w["v"])
         query = query.view(b, s, g * k_q, d).transpose(1, 2)  # [b, g'*k_q, s, d]
         key = key.view(b, s, g, d).transpose(1, 2)  # [b, g', s, d]
         value = value.view(b, s, g, d).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = self._sat_rotary(query, key, cos, sin)
+        query, key = self._sat_rotary(query, key, _param(cos, dtype), _param(sin, dtype))
         context = self._sat_sdpa(query, key, value, attention_mask)  # [b, g'*k_q, s, d]
         context = context.transpose(1, 2).reshape(b, s, g * k_q * d)  # [b, s, g'*k_q*d]
-        out = ops.linear_cols(context, self.o_proj.weight, q_rows)  # [b, s, h]
-        if self.o_proj.bias is not None:
-            out = out + self.o_proj.bias
+        out = ops.linear_cols(context, w["o"][0], q_rows)  # [b, s, h]
+        if w["o"][1] is not None:
+            out = out + w["o"][1]
         return out, None
 
     def _sat_rotary(self, query, key, cos, sin):
@@ -170,7 +213,7 @@ class SATAttentionMixin(_SATModuleMixin):
                                  "'sdpa' or 'eager'; load the model with one of them")
             mask = attention_mask[:, :, :, : key.shape[-2]]
             if mask.dtype != torch.bool:
-                mask = mask.to(query.dtype)
+                mask = mask.to(query.dtype)  # additive mask (eager)
         p = self.attention_dropout if self.training else 0.0
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=p, is_causal=causal,
@@ -178,8 +221,7 @@ class SATAttentionMixin(_SATModuleMixin):
 
     def sat_external_parameters(self):
         """Weights the sparse path reads without calling the child's forward (ZeRO-3)."""
-        mods = (self.q_proj, self.o_proj) + ((self.k_proj, self.v_proj)
-                                             if self.sat_q_per_group == 1 else ())
+        mods = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         return [p for m in mods for p in (m.weight, m.bias) if p is not None]
 
 
@@ -191,6 +233,7 @@ class SATMLPMixin(_SATModuleMixin):
     """
 
     def sat_setup(self, config, layer_number: int, token_mask: TokenMask) -> None:
+        self._sat_check_linears(("gate_proj", "up_proj", "down_proj"))
         self.sat_channels = self.down_proj.in_features  # f
         self._sat_attach(config, "mlp", layer_number, self.sat_channels, token_mask)
 
@@ -207,6 +250,8 @@ class SATMLPMixin(_SATModuleMixin):
     @torch.no_grad()
     def sat_select(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Kept channels ``[k]`` of this iteration (SAT_SPEC §1–§3), cached."""
+        if self.sat_state.cached_selection() is None:
+            self._sat_check_linears(("gate_proj", "up_proj", "down_proj"))
         return select_channels(self.sat_state, self._sat_stats_input(hidden_states),
                                self.sat_fc1_scores, self.sat_channels)
 
@@ -215,13 +260,20 @@ class SATMLPMixin(_SATModuleMixin):
             if self.training:
                 self.sat_state.mark_dense()
             return super().forward(x, *args, **kwargs)
+        return self._sat_forward(x)
+
+    @_autocast_off
+    def _sat_forward(self, x, dtype=None):
         # x: [b, s, h], the normalised input of gate/up_proj.
         kept = self.sat_select(x)  # [k]
-        gate = ops.linear_rows(x, self.gate_proj.weight, kept, self.gate_proj.bias)  # [b, s, k]
-        up = ops.linear_rows(x, self.up_proj.weight, kept, self.up_proj.bias)  # [b, s, k]
-        out = ops.linear_cols(self.act_fn(gate) * up, self.down_proj.weight, kept)  # [b, s, h]
+        gate = ops.linear_rows(x, _param(self.gate_proj.weight, dtype), kept,
+                               _param(self.gate_proj.bias, dtype))  # [b, s, k]
+        up = ops.linear_rows(x, _param(self.up_proj.weight, dtype), kept,
+                             _param(self.up_proj.bias, dtype))  # [b, s, k]
+        out = ops.linear_cols(self.act_fn(gate) * up, _param(self.down_proj.weight, dtype),
+                              kept)  # [b, s, h]
         if self.down_proj.bias is not None:
-            out = out + self.down_proj.bias
+            out = out + _param(self.down_proj.bias, dtype)
         return out
 
     def sat_external_parameters(self):

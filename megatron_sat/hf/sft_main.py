@@ -189,12 +189,33 @@ def _error(msg: str, code: int) -> int:
     return code
 
 
+def _quiet() -> None:
+    """Third-party deprecation noise that would bury the training log (one per parameter)."""
+    import warnings
+
+    for pattern in (".*torch.distributed.*is deprecated.*", ".*pin_memory.*",
+                    ".*Transformer Engine.*", ".*Apex.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _shutdown() -> None:
+    """Leave the process group in order: a rank exiting while its peer still tears down
+    gloo can abort the peer (SIGABRT) after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sat.hf.apply import SATError
 
+    _quiet()
     try:
         args = parse(argv)
         run(*args)
     except (ConfigError, SATError, FileNotFoundError) as e:
         return _error(str(e), 2)
+    _shutdown()
     return 0
