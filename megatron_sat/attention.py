@@ -28,6 +28,21 @@ from megatron_sat.sat_state import SATLayerState
 from megatron_sat.unit_selection import select_heads
 
 
+def _attention_setting_problems(config) -> list:
+    """Attention settings the SAT path (SDPA over kept heads, §4) would silently ignore."""
+    problems = []
+    if config.window_size is not None:
+        problems.append(f"window_size={config.window_size} (sliding-window attention) "
+                        "is not supported with SAT; unset it")
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        problems.append(f"softmax_type={config.softmax_type!r} is not supported with "
+                        "SAT; use 'vanilla'")
+    if config.no_rope_freq and any(config.no_rope_freq):
+        problems.append("no_rope_freq (layers without RoPE) is not supported with SAT; "
+                        "unset it")
+    return problems
+
+
 class SATSelfAttention(SelfAttention):
     """Self-attention that, in training at ``ρ > 0``, keeps only selected heads.
 
@@ -39,6 +54,12 @@ class SATSelfAttention(SelfAttention):
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
                  sat_config: Optional[SATConfig] = None):
+        if sat_config is not None and sat_config.enabled:
+            # Before megatron builds anything: some of these fail there with a long
+            # message about a missing CUDA extension instead of naming the setting.
+            problems = unsupported_settings(config) + _attention_setting_problems(config)
+            if problems:
+                raise ValueError("SAT attention: " + "; ".join(problems))
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)
@@ -58,16 +79,6 @@ class SATSelfAttention(SelfAttention):
                 problems.append("attention_output_gate is not supported with SAT")
             if self.pg_collection.cp.size() > 1:
                 problems.append("context parallelism is not supported with SAT")
-            problems += unsupported_settings(config)
-            if config.window_size is not None:
-                problems.append(f"window_size={config.window_size} (sliding-window attention) "
-                                "is not supported with SAT; unset it")
-            if getattr(config, "softmax_type", "vanilla") != "vanilla":
-                problems.append(f"softmax_type={config.softmax_type!r} is not supported with "
-                                "SAT; use 'vanilla'")
-            if config.no_rope_freq and any(config.no_rope_freq):
-                problems.append("no_rope_freq (layers without RoPE) is not supported with SAT; "
-                                "unset it")
             for norm in (self.q_layernorm, self.k_layernorm):
                 if norm is not None and not isinstance(norm, IdentityOp):
                     problems.append("q/k layernorm is not supported with SAT")

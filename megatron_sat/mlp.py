@@ -31,6 +31,10 @@ class SATMLP(MLP):
     def __init__(self, config, submodules: MLPSubmodules, is_expert: bool = False,
                  input_size=None, ffn_hidden_size=None, tp_group=None,
                  sat_config: Optional[SATConfig] = None, layer_number: int = 1):
+        if sat_config is not None and sat_config.enabled:
+            problems = unsupported_settings(config)  # before megatron's own, vaguer checks
+            if problems:
+                raise ValueError("SAT MLP: " + "; ".join(problems))
         super().__init__(config=config, submodules=submodules, is_expert=is_expert,
                          input_size=input_size, ffn_hidden_size=ffn_hidden_size,
                          tp_group=tp_group)
@@ -45,7 +49,6 @@ class SATMLP(MLP):
                 problems.append("sequence_parallel is not supported with SAT; turn it off")
             if is_expert:
                 problems.append("MoE experts are not supported with SAT")
-            problems += unsupported_settings(config)
             if problems:
                 raise ValueError("SAT MLP: " + "; ".join(problems))
 
