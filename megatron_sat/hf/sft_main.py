@@ -56,6 +56,9 @@ def build_parser():
     p = _Parser((ModelArguments, DataArguments, TrainingArguments), prog="sft_llama.py",
                 allow_abbrev=False)
     add_sat_arguments(p)
+    p.add_argument("--exit-interval", type=int, default=0,
+                   help="stop with a checkpoint when the step is a multiple of this "
+                        "(as pretrain_llama.py); continue with --resume_from_checkpoint")
     p.add_argument("--sat-selections-file", help="append each step's kept heads/channels "
                    "as JSON lines ({rank} is replaced by the process rank)")
     return p
@@ -76,6 +79,10 @@ def parse(argv: Optional[Sequence[str]] = None):
         SFTDataConfig(data_args.max_seq_length, data_args.prompt_template, data_args.packing)
     except ValueError as e:  # TrainingArguments / SFTDataConfig validation
         raise ConfigError(str(e).strip().splitlines()[0]) from None
+    if training_args.include_num_input_tokens_seen == "all":
+        # SFT batches are padded: count real tokens (HfArgumentParser cannot pass
+        # "non_padding" to this str|bool field, so "yes" means it here)
+        training_args.include_num_input_tokens_seen = "non_padding"
     if model_args.model_dtype not in DTYPES:
         raise ConfigError(f"--model_dtype {model_args.model_dtype} is not one of {', '.join(DTYPES)}")
     for path, flag in ((data_args.train_file, "--train_file"), (data_args.eval_file, "--eval_file")):
@@ -122,6 +129,24 @@ def optimizer_steps(n_rows: int, args, world_size: int) -> int:
                else math.ceil(per_rank / args.per_device_train_batch_size))
     per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
     return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def _exit_interval_callback():
+    from transformers import TrainerCallback
+
+    class ExitInterval(TrainerCallback):
+        """Stop with a checkpoint every ``n`` steps (Megatron's ``--exit-interval``), so
+        a job with a wall-time limit continues exactly with ``--resume_from_checkpoint``."""
+
+        def __init__(self, n: int):
+            self.n = n
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % self.n == 0 and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return ExitInterval
 
 
 def load_tokenizer(path: str):
@@ -172,14 +197,20 @@ def run(model_args, data_args, training_args, sat_ns) -> dict:
         from megatron_sat.hf import SATCallback, add_sat_callback
 
         add_sat_callback(trainer, SATCallback(selections_file=sat_ns.sat_selections_file))
+    if sat_ns.exit_interval > 0:
+        trainer.add_callback(_exit_interval_callback()(sat_ns.exit_interval))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
+    metrics["global_step"] = trainer.state.global_step
     if evals:
         metrics.update(trainer.evaluate())
-    trainer.save_model()  # a plain HF checkpoint: SAT changes no parameter name
+    if trainer.state.global_step >= training_args.max_steps:
+        trainer.save_model()  # a plain HF checkpoint: SAT changes no parameter name
+        if rank0:
+            tok.save_pretrained(training_args.output_dir)
     if rank0:
-        tok.save_pretrained(training_args.output_dir)
         trainer.log_metrics("all", metrics)
+        trainer.save_metrics("all", metrics, combined=False)
     return metrics
 
 
