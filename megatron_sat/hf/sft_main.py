@@ -242,11 +242,15 @@ def _shutdown() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sat.hf.apply import SATError
 
+    import torch.distributed as dist
+
     _quiet()
+    ours = not dist.is_initialized()  # a caller's process group is the caller's to end
     try:
         args = parse(argv)
         run(*args)
     except (ConfigError, SATError, FileNotFoundError) as e:
         return _error(str(e), 2)
-    _shutdown()
+    if ours:
+        _shutdown()
     return 0
