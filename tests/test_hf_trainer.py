@@ -90,11 +90,19 @@ def test_single_process_packing_checkpointing_bf16(setup):
     out = root / "single"
     args = common(model, train, out, 2) + SAT + [
         "--packing", "--max_seq_length", 64, "--activation_checkpointing", "--bf16", "--use_cpu",
-        "--save_strategy", "no", "--sat-selections-file", str(out) + "_sel.jsonl"]
+        "--save_strategy", "no", "--sat-selections-file", str(out) + "_sel.jsonl",
+        "--report_to", "tensorboard", "--logging_dir", out / "tb"]
     res = run_sft(args)
     ok(res)
     assert "64 lines -> 64 examples" in res.stdout
     assert selections(root / "single_sel.jsonl")[0]["mlp"][0] is not None
+    # the SAT values reach the report_to integration (SATCallback runs ahead of it)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out / "tb")).Reload()
+    tags = ev.Tags()["scalars"]
+    assert "train/sat/mlp_omission_rate" in tags and "train/sat/attn_kept_fraction" in tags
+    assert ev.Scalars("train/sat/mlp_omission_rate")[0].value == 0.5
 
 
 def test_one_line_errors(setup, tmp_path, capsys):

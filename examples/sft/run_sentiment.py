@@ -14,7 +14,7 @@ Steps (each prints what it does; everything lands under --work-dir):
    trained on the same text, and converted to HF with ``tools/convert_checkpoint.py``:
    the megatron → HF path users take after continual pre-training.
 3. ``sft_llama.py`` twice from that base: dense, then SAT (maxip, sampling, ρ_max 0.5,
-   LORS ending dense).  The two runs alternate in chunks (``--exit-interval``, then
+   LORS from half-way, ending dense).  The two runs alternate in chunks (``--exit-interval``, then
    ``--resume_from_checkpoint``) so that other load on the machine slows both alike.
 4. A table: training wall time and tokens/s of each, the SAT time saving, held-out
    accuracy (the answer with the higher likelihood) and eval loss.
@@ -114,7 +114,8 @@ def sft_runs(w, base, train, held, steps, chunks, batch, lr) -> dict:
               "--data_seed", "0", "--include_num_input_tokens_seen", "yes",
               "--max_seq_length", "128", "--save_strategy", "no", "--use_cpu",
               "--exit-interval", steps // chunks]
-    runs = {"dense": [], "SAT": SAT_FLAGS}
+    # ρ_max = 0.5 for the first half, then LORS's rungs down to dense (SAT_SPEC §5)
+    runs = {"dense": [], "SAT": SAT_FLAGS + ["--sat-decay-start", steps // 2]}
     out = {name: {"train_runtime": 0.0} for name in runs}
     for name in runs:
         shutil.rmtree(os.path.join(w, f"sft_{name.lower()}"), ignore_errors=True)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-eval", type=int, default=400)
     p.add_argument("--sft-steps", type=int, default=240)
-    p.add_argument("--chunks", type=int, default=2)
+    p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     a = p.parse_args(argv)
     if a.sft_steps % a.chunks:

@@ -65,7 +65,8 @@ def build_parser():
 
 
 def parse(argv: Optional[Sequence[str]] = None):
-    """``(model_args, data_args, training_args, sat_config or None)``; raises ConfigError."""
+    """``(model_args, data_args, training_args, extra)``; ``extra`` holds the ``--sat*``,
+    ``--exit-interval`` and ``--sat-selections-file`` values.  Raises ConfigError."""
     from megatron_sat.hf.sft_data import SFTDataConfig
     from megatron_sat.training.arguments import sat_config_from_args
 
