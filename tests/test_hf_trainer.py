@@ -91,8 +91,8 @@ def test_single_process_packing_checkpointing_bf16(setup):
     args = common(model, train, out, 2) + SAT + [
         "--packing", "--max_seq_length", 64, "--activation_checkpointing", "--bf16", "--use_cpu",
         "--save_strategy", "no", "--sat-selections-file", str(out) + "_sel.jsonl",
-        "--report_to", "tensorboard", "--logging_dir", out / "tb"]
-    res = run_sft(args)
+        "--report_to", "tensorboard"]
+    res = run_sft(args, env_extra={"TENSORBOARD_LOGGING_DIR": str(out / "tb")})
     ok(res)
     assert "64 lines -> 64 examples" in res.stdout
     assert selections(root / "single_sel.jsonl")[0]["mlp"][0] is not None
