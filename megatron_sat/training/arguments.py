@@ -16,7 +16,8 @@ from megatron_sat.config import SATConfig
 from megatron_sat.model import PRESETS, LlamaShape
 from megatron_sat.training.configs import (BatchConfig, CheckpointConfig, ConfigError,
                                            DataConfig, EngineConfig, LoggingConfig,
-                                           OptimizerConfig, ParallelConfig, TrainConfig)
+                                           OptimizerConfig, ParallelConfig,
+                                           PerformanceConfig, TrainConfig)
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by")
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="load weights only, restart at 0")
     g.add_argument("--no-load-optim", action="store_true", help="load weights only")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--ckpt-step", type=int,
+                   help="load iter_N of --load instead of the one 'latest' names")
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="let a new run replace the run already held in --save")
+    g.add_argument("--keep-last-n-checkpoints", type=int, default=0,
+                   help="remove older checkpoints once a new one is complete (default: keep all)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -117,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak-tflops", type=float, help="device peak for MFU when not recognised")
 
     add_sat_arguments(p)
+    _add_performance_args(p)
     return p
 
 
@@ -161,6 +169,38 @@ def sat_config_from_args(a, total_iters: int, seed: int) -> Optional[SATConfig]:
         raise ConfigError(str(e)) from None
 
 
+def _add_performance_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's names for the attention kernel, recomputation, SP and timers."""
+    g = p.add_argument_group("performance (attention kernel, recomputation, timers)")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto (flash when installed and applicable, else sdpa), flash "
+                        "(flash-attn; CUDA, bf16), sdpa (PyTorch) or unfused (megatron-core's "
+                        "DotProductAttention); dense and SAT steps use the same one")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="Megatron-DeepSpeed's alias for --attention-backend flash")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the sequence over the TP ranks outside the TP regions (TP >= 2)")
+    g.add_argument("--timing-log-level", type=int, default=0,
+                   help="1 (or 2): split each iteration into data, forward, SAT selection, "
+                        "backward and optimizer time, and report evaluation and checkpoint "
+                        "time; synchronises the device at each boundary")
+
+
+def _performance_from_args(a, tp: int, num_layers: int) -> PerformanceConfig:
+    backend = a.attention_backend
+    if a.use_flash_attn:
+        if backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn contradicts --attention-backend {backend}; "
+                              f"give one of them")
+        backend = "flash"
+    return PerformanceConfig(backend, a.recompute_granularity, a.recompute_method,
+                             a.recompute_num_layers, a.sequence_parallel, a.timing_log_level,
+                             tp, num_layers)
+
+
 def _architecture_problems(a) -> list[str]:
     """Megatron-DeepSpeed Llama switches that contradict the Llama architecture."""
     p = []
@@ -186,17 +226,42 @@ def _tokenizer_facts(path: Optional[str]) -> tuple[Optional[int], Optional[int]]
     """(vocab size, eos id) of a SentencePiece model, or (None, None) without one."""
     if not path:
         return None, None
-    if not os.path.isfile(path):
-        raise ConfigError(f"--tokenizer-model {path} does not exist; give a SentencePiece "
-                          f"tokenizer.model (tools/fetch_demo_data.py fetches one)")
-    import sentencepiece as spm
+    from megatron_sat.tools.cli import ToolError
+    from megatron_sat.tools.file_checks import check_sentencepiece
 
-    sp = spm.SentencePieceProcessor(model_file=path)
-    return sp.get_piece_size(), sp.eos_id()
+    try:
+        pieces, _, eos = check_sentencepiece(path, "--tokenizer-model")
+    except ToolError as e:
+        raise ConfigError(str(e)) from None
+    return pieces, eos
 
 
-def _shape_from_args(a, tokenizer_vocab: Optional[int]) -> LlamaShape:
+def _checkpoint_shape(a) -> Optional[dict]:
+    """The ``--load`` checkpoint's architecture (from its meta.json), or None."""
+    from megatron_sat.training.resume import checkpoint_meta, resolve_load
+
+    it_dir = resolve_load(a.load, a.save, a.ckpt_step, a.finetune or a.no_load_optim)
+    return checkpoint_meta(it_dir)["shape"] if it_dir else None
+
+
+CORE_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups")
+
+
+def _shape_from_args(a, tokenizer_vocab: Optional[int],
+                     ckpt_shape: Optional[dict] = None) -> LlamaShape:
     base = PRESETS[a.model].to_dict() if a.model else {}
+    # A checkpoint's architecture is the default: every field not set by a flag (and the
+    # core shape unless --model names one, which must then match) comes from it.
+    for k, v in (ckpt_shape or {}).items():
+        if k not in CORE_SHAPE or k not in base:
+            base[k] = v
+    if ckpt_shape and tokenizer_vocab is not None and a.vocab_size is None \
+            and tokenizer_vocab != ckpt_shape["vocab_size"]:
+        raise ConfigError(f"--tokenizer-model has {tokenizer_vocab} pieces but the --load "
+                          f"checkpoint's vocabulary has {ckpt_shape['vocab_size']}; give the "
+                          f"tokenizer the checkpoint was made for (or resize the checkpoint "
+                          f"with tools/extend_vocab.py)")
     groups = {v for v in (a.num_query_groups, a.num_key_value_heads) if v is not None}
     if len(groups) > 1:
         raise ConfigError(f"--num-query-groups {a.num_query_groups} and --num-key-value-heads "
@@ -204,7 +269,7 @@ def _shape_from_args(a, tokenizer_vocab: Optional[int]) -> LlamaShape:
     for name in SHAPE_FLAGS:
         if getattr(a, name) is not None:
             base[name] = getattr(a, name)
-    if a.vocab_size is None and tokenizer_vocab is not None:
+    if a.vocab_size is None and tokenizer_vocab is not None and not ckpt_shape:
         base["vocab_size"] = tokenizer_vocab
     if groups:
         base["num_query_groups"] = groups.pop()
@@ -258,8 +323,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tok_vocab, eos = _tokenizer_facts(a.tokenizer_model)
-    shape = _shape_from_args(a, tok_vocab)
+    shape = _shape_from_args(a, tok_vocab, _checkpoint_shape(a))
     parallel = ParallelConfig(a.tensor_model_parallel_size, world_size)
+    perf = _performance_from_args(a, a.tensor_model_parallel_size, shape.num_layers)
+    import torch
+
+    perf.resolved_backend("cuda" if torch.cuda.is_available() else "cpu", a.bf16)
     dp = parallel.data_parallel_size
     batch = BatchConfig(a.micro_batch_size, a.global_batch_size or a.micro_batch_size * dp,
                         a.seq_length, dp)
@@ -279,11 +348,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         data=DataConfig(_blend(a.data_path), a.split, a.data_cache_path, a.tokenizer_type,
                         a.tokenizer_model, 2 if eos is None or eos < 0 else eos),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.finetune,
-                                    a.no_load_optim, a.no_load_rng),
+                                    a.no_load_optim, a.no_load_rng, a.ckpt_step,
+                                    a.overwrite_save, a.keep_last_n_checkpoints),
         logging=LoggingConfig(a.log_interval, a.eval_interval, a.eval_iters,
                               a.tensorboard_dir, metrics, a.peak_tflops),
         engine=EngineConfig(a.zero_stage, a.deepspeed_config, a.bf16),
         sat=sat, train_iters=a.train_iters, seed=a.seed, init_method_std=a.init_method_std,
         max_skipped_iters=a.max_skipped_iters, inject_nan_iters=nan_iters,
-        exit_interval=a.exit_interval,
+        exit_interval=a.exit_interval, perf=perf,
     )
