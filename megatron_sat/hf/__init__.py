@@ -1,14 +1,15 @@
 """SAT for Hugging Face Transformers: the second integration of the one method.
 
     from megatron_sat import SATConfig
-    from megatron_sat.hf import apply_sat, SATCallback
+    from megatron_sat.hf import apply_sat, add_sat_callback
 
     model = apply_sat(model, SATConfig(total_iters=max_steps))
-    trainer = Trainer(model, args, ..., callbacks=[SATCallback()])
+    trainer = Trainer(model, args, ...)
+    add_sat_callback(trainer)          # a SATCallback ahead of the report_to loggers
 
 Importance, selection and schedules are :mod:`megatron_sat`'s own (SAT_SPEC); this
-package only adapts them to HF's module layout and ``Trainer``.  Imports are lazy so
-``megatron_sat.hf.sft_data`` stays usable without torch-heavy imports.
+package only adapts them to HF's module layout and ``Trainer`` (docs/SFT.md).  Imports
+are lazy so ``megatron_sat.hf.sft_data`` stays usable without torch-heavy imports.
 """
 
 import importlib
