@@ -60,7 +60,7 @@ def test_zero2_two_processes_resume_same_selections(setup):
     ok(run_sft(args, nproc=2))
     again = selections(root / "z2_resumed_sel0.jsonl")
     assert sorted(again) == [2, 3] and all(again[t] == sel0[t] for t in (2, 3))
-    # the rung at t = 2 has ρ = 0.25: 36 of 48 channels, 3 of 4 query heads... of 2 per group
+    # the first LORS rung (t = 2) has ρ = 0.25: 36 of the 48 channels
     assert len(sel0[2]["mlp"][0]) == 36
 
 
