@@ -48,6 +48,9 @@ def run_sft(args, nproc=1, timeout=600, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            **(env_extra or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+              "MASTER_PORT"):  # left by an in-process megatron / accelerate set-up
+        env.pop(k, None)
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "sft_llama.py")]
     else:
