@@ -24,11 +24,13 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "tools": ["transformers>=4.45", "safetensors", "protobuf"],
+        "tools": ["transformers>=4.45", "safetensors", "protobuf", "accelerate>=1.0"],
+        # SFT with SAT on HF Transformers (megatron_sat.hf, sft_llama.py)
+        "hf": ["transformers>=5.0", "accelerate>=1.0", "safetensors", "protobuf"],
         "tensorboard": ["tensorboard"],
         "bench": ["matplotlib"],
-        "dev": ["pytest", "transformers>=4.45", "safetensors", "protobuf", "tensorboard",
-                "matplotlib"],
+        "dev": ["pytest", "transformers>=5.0", "accelerate>=1.0", "safetensors", "protobuf",
+                "tensorboard", "matplotlib"],
     },
     scripts=[],
     license="Apache-2.0",

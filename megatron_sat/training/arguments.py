@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: <tensorboard-dir or save>/metrics.jsonl)")
     g.add_argument("--peak-tflops", type=float, help="device peak for MFU when not recognised")
 
+    add_sat_arguments(p)
+    _add_performance_args(p)
+    return p
+
+
+def add_sat_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--sat*`` flags, shared by ``pretrain_llama.py`` and ``sft_llama.py``."""
     g = p.add_argument_group("SAT (see SAT_SPEC.md)")
     d = SATConfig()
     g.add_argument("--sat", action="store_true", help="enable Sparsity-Accelerated Training")
@@ -138,8 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sat-seed", type=int, help="default: --seed")
     g.add_argument("--sat-dp-consistent", action=argparse.BooleanOptionalAction,
                    default=d.dp_consistent)
-    _add_performance_args(p)
-    return p
+
+
+def sat_config_from_args(a, total_iters: int, seed: int) -> Optional[SATConfig]:
+    """``SATConfig`` from parsed ``--sat*`` flags (``None`` without ``--sat``)."""
+    sat_flags_given = [f for f in ("sat_metric", "sat_selection", "sat_schedule")
+                       if getattr(a, f) != getattr(SATConfig(), f[4:])]
+    if sat_flags_given and not a.sat:
+        raise ConfigError(f"--{sat_flags_given[0].replace('_', '-')} given without --sat; "
+                          f"add --sat to enable SAT")
+    if not a.sat:
+        return None
+    try:
+        return SATConfig(enabled=True, metric=a.sat_metric, selection=a.sat_selection,
+                         temperature=a.sat_temperature,
+                         attn_omission_rate=a.sat_attn_omission_rate,
+                         mlp_omission_rate=a.sat_mlp_omission_rate, schedule=a.sat_schedule,
+                         decay_start=a.sat_decay_start, total_iters=total_iters,
+                         ladder_rungs=a.sat_ladder_rungs, ladder_spacing=a.sat_ladder_spacing,
+                         seed=seed if a.sat_seed is None else a.sat_seed,
+                         dp_consistent=a.sat_dp_consistent)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _add_performance_args(p: argparse.ArgumentParser) -> None:
@@ -305,24 +332,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     dp = parallel.data_parallel_size
     batch = BatchConfig(a.micro_batch_size, a.global_batch_size or a.micro_batch_size * dp,
                         a.seq_length, dp)
-    sat_flags_given = [f for f in ("sat_metric", "sat_selection", "sat_schedule")
-                       if getattr(a, f) != getattr(SATConfig(), f[4:])]
-    if sat_flags_given and not a.sat:
-        raise ConfigError(f"--{sat_flags_given[0].replace('_', '-')} given without --sat; "
-                          f"add --sat to enable SAT")
-    sat = None
-    if a.sat:
-        try:
-            sat = SATConfig(enabled=True, metric=a.sat_metric, selection=a.sat_selection,
-                            temperature=a.sat_temperature,
-                            attn_omission_rate=a.sat_attn_omission_rate,
-                            mlp_omission_rate=a.sat_mlp_omission_rate, schedule=a.sat_schedule,
-                            decay_start=a.sat_decay_start, total_iters=a.train_iters,
-                            ladder_rungs=a.sat_ladder_rungs, ladder_spacing=a.sat_ladder_spacing,
-                            seed=a.seed if a.sat_seed is None else a.sat_seed,
-                            dp_consistent=a.sat_dp_consistent)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    sat = sat_config_from_args(a, a.train_iters, a.seed)
     metrics = a.metrics_file
     if metrics is None and (a.tensorboard_dir or a.save):
         metrics = os.path.join(a.tensorboard_dir or a.save, "metrics.jsonl")
