@@ -146,3 +146,14 @@ def test_missing_base_tokenizer_and_existing_output(tmp_path, demo_data, capsys)
     rc = ev.main(["--base-tokenizer", str(demo_data.tokenizer_model), "--zh-model",
                   str(demo_data.tokenizer_model), "--output-dir", str(tmp_path / "t")])
     assert_one_line_error(rc, capsys.readouterr().err, "already exists", "--overwrite")
+
+
+def test_too_small_chinese_vocabulary_says_raise_it(demo_data, tmp_path, capsys):
+    """sentencepiece needs at least one piece per required character: the fix is to raise."""
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("\n".join(demo_data.zh_news.read_text(encoding="utf-8").splitlines()[:3000]),
+                      encoding="utf-8")
+    rc = ev.main(["--base-tokenizer", str(demo_data.tokenizer_model), "--corpus", str(corpus),
+                  "--vocab-size", "1000", "--output-dir", str(tmp_path / "tok")])
+    assert_one_line_error(rc, capsys.readouterr().err, "raise --vocab-size")
+    assert not (tmp_path / "tok").exists()

@@ -106,8 +106,12 @@ def train_chinese_spm(lines: Iterable[str], out_prefix: os.PathLike | str,
                 max_sentence_length=config.max_sentence_length, minloglevel=2)
         except RuntimeError as exc:
             msg = str(exc).splitlines()[-1] if str(exc) else "training failed"
-            raise ToolError(f"SentencePiece training failed ({msg}); lower --vocab-size or "
-                            f"give a larger --corpus") from None
+            # sentencepiece fails both ways: fewer pieces than the corpus has characters
+            # ("smaller than required_chars"), or more than the corpus can supply.
+            fix = ("raise --vocab-size (or lower --character-coverage)"
+                   if "smaller than required_chars" in msg
+                   else "lower --vocab-size or give a larger --corpus")
+            raise ToolError(f"SentencePiece training failed ({msg}); {fix}") from None
     finally:
         os.unlink(corpus)
     return Path(str(out_prefix) + ".model")
