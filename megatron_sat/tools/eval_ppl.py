@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_sat.tools.cli import Progress, ToolError, check_output_free, make_parser, run_main
-from megatron_sat.tools.text_tokenizer import TOKENIZER_TYPES, TextTokenizer, load_tokenizer
+from megatron_sat.tools.text_tokenizer import TEXT_TOKENIZER_TYPES, TextTokenizer, load_tokenizer
 
 SPLIT_MODES = ("line", "paragraph", "file")
 FORMATS = ("auto", "hf", "megatron")
@@ -321,7 +321,7 @@ def build_parser():
     p.add_argument("--checkpoint-format", choices=FORMATS, default="auto")
     p.add_argument("--data", nargs="+", required=True,
                    help="text/jsonl files or folders, optionally NAME=PATH; one domain each")
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="SentencePieceTokenizer")
+    p.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES, default="SentencePieceTokenizer")
     p.add_argument("--tokenizer-model", default=None,
                    help="default: tokenizer.model inside --load, if present")
     p.add_argument("--seq-length", type=int, default=1024)

@@ -22,10 +22,10 @@ from megatron_sat.training import checkpointing as ckpt
 from megatron_sat.training.configs import ConfigError, TrainConfig
 from megatron_sat.training.data import (MicroBatchReader, build_datasets, check_prefixes,
                                          check_splits)
-from megatron_sat.training.engine import build_engine, set_lr
+from megatron_sat.training.engine import build_engine, param_groups
 from megatron_sat.training.flops import KeptFractions, peak_tflops_for_device
 from megatron_sat.training.logger import IterationRecord, ThroughputLogger
-from megatron_sat.training.lr_schedule import lr_at
+from megatron_sat.training.lr_schedule import LRSchedule
 
 
 class TrainingAborted(RuntimeError):
@@ -205,6 +205,7 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
     loss_sum, loss_count, consecutive, first = 0.0, 0, 0, True
     last_train_loss = valid_loss = None
     saved_at = evaluated_at = None
+    schedule = LRSchedule(cfg.optimizer, cfg.train_iters, param_groups(engine))
 
     def save(reason: str):
         nonlocal saved_at
@@ -223,8 +224,7 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
     while state.iteration < cfg.train_iters:
         it = state.iteration
         rates = set_sat_iteration(engine.module, it) if cfg.sat else (0.0, 0.0)
-        lr = lr_at(cfg.optimizer, it, cfg.train_iters)
-        set_lr(engine, lr)
+        lr = schedule.apply(it)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()

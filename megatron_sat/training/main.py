@@ -2,7 +2,7 @@
 
 Why a wrapper: user mistakes (bad flags, missing data, a checkpoint of another shape)
 must end as one line naming the problem and the fix, not as a traceback from deep inside
-DeepSpeed, and must do so on every launcher (deepspeed, torchrun, plain python).
+DeepSpeed, and must do so on every launcher (deepspeed, torchrun, mpirun, srun, python).
 """
 
 from __future__ import annotations
@@ -41,10 +41,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sat.training.configs import ConfigError
     from megatron_sat.training.loop import TrainingAborted
 
+    from megatron_sat.training.launch_env import discover_world, export_world
+
     try:
+        # First, so RANK/LOCAL_WORLD_SIZE are known under mpirun/srun too (one error line).
+        export_world(discover_world())
         cfg = parse_args(argv)
     except ConfigError as e:
         return _error(str(e), 2)
+    if os.environ.get("RANK", "0") == "0":
+        for note in cfg.notes:
+            print(f" > {note}", flush=True)
     _set_cpu_threads()
     from megatron_sat.parallel import destroy_parallel, initialize_parallel
 
