@@ -105,6 +105,11 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
               "sat": cfg.sat.to_dict() if cfg.sat else None}
     engine.save_checkpoint(save, tag=tag, client_state=client, save_latest=False)
     weights = _gathered_state_dict(engine)
+    from megatron_sat.training.reshard import save_full_state
+
+    # full (unpartitioned) optimizer state: resume at another DP size / ZeRO stage
+    save_full_state(engine, ckpt, ps.get_tensor_model_parallel_rank(),
+                    ps.get_data_parallel_rank())
     if ps.get_data_parallel_rank() == 0:
         # The converter's per-rank layout, so tools read training output directly.
         write_rank_file(ckpt, ps.get_tensor_model_parallel_rank(), weights, cfg.shape, tp,
@@ -115,6 +120,7 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
                 "dtype": "bf16" if cfg.engine.bf16 else "fp32", "shape": cfg.shape.to_dict(),
                 "tp": tp, "padded_vocab_size": cfg.shape.padded_vocab_size(tp),
                 "world_size": dist.get_world_size(),
+                "zero_stage": engine.zero_optimization_stage(),
                 "sat": cfg.sat.to_dict() if cfg.sat else None}
         atomic_write_bytes(os.path.join(ckpt, "meta.json"), json.dumps(meta, indent=1).encode())
     dist.barrier()
@@ -188,6 +194,15 @@ def load_weights(module: torch.nn.Module, ckpt: str, tp_rank: int) -> None:
             raise ConfigError(f"--load {path}: {k} has shape {tuple(sd[k].shape)}, the model "
                               f"expects {tuple(v.shape)}")
     module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+
+def restore_rng(ckpt: str) -> bool:
+    """This rank's RNG states from ``ckpt`` if it holds them (same world size)."""
+    rng = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
+    if not os.path.isfile(rng):
+        return False
+    _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+    return True
 
 
 def load_full(engine, load_dir: str, tag: str, restore_rng: bool) -> TrainState:

@@ -160,7 +160,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: int = 0
     finetune: bool = False  # load weights only; start at iteration 0
-    no_load_optim: bool = False  # load weights only
+    no_load_optim: bool = False  # weights + iteration + data position, fresh optimizer
     no_load_rng: bool = False
 
     def __post_init__(self):
@@ -175,6 +175,7 @@ class CheckpointConfig:
 
     @property
     def weights_only(self) -> bool:
+        """No DeepSpeed state is read: --finetune (fresh start) or --no-load-optim."""
         return self.finetune or self.no_load_optim
 
 

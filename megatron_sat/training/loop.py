@@ -22,10 +22,12 @@ from megatron_sat.training import checkpointing as ckpt
 from megatron_sat.training.configs import ConfigError, TrainConfig
 from megatron_sat.training.data import (MicroBatchReader, build_datasets, check_prefixes,
                                          check_splits)
-from megatron_sat.training.engine import build_engine, param_groups
+from megatron_sat.training.checkpoint_args import checkpoint_header
+from megatron_sat.training.engine import build_engine, deepspeed_config, param_groups
 from megatron_sat.training.flops import KeptFractions, peak_tflops_for_device
 from megatron_sat.training.logger import IterationRecord, ThroughputLogger
 from megatron_sat.training.lr_schedule import LRSchedule
+from megatron_sat.training.reshard import load_full_state, needs_reshard, state_from_header
 
 
 class TrainingAborted(RuntimeError):
@@ -153,15 +155,44 @@ def _setup_model(cfg: TrainConfig):
     model = build_gpt_model(cfg.shape, cfg.sat, tp=tp, params_dtype=dtype,
                             seq_length=cfg.batch.seq_length,
                             init_method_std=cfg.init_method_std)
-    if found and c.weights_only:
-        ckpt.load_weights(model, os.path.join(*found), tp_rank)
-        _print0(f" loaded weights from {os.path.join(*found)} (optimizer and step not loaded)")
+    path = os.path.join(*found) if found else None
+    head = checkpoint_header(c.load) if found else None
+    zero = deepspeed_config(cfg)["zero_optimization"]["stage"]
+    reshard = bool(found and not c.weights_only and head and "world_size" in head
+                   and needs_reshard(head, cfg.parallel.data_parallel_size, zero))
+    if found and (c.weights_only or reshard):
+        ckpt.load_weights(model, path, tp_rank)
     engine, optimizer = build_engine(model, cfg, MPU())
     state = ckpt.TrainState()
-    if found and not c.weights_only:
+    if found and c.finetune:
+        _print0(f" loaded weights from {path} (--finetune: optimizer, step and RNG not loaded)")
+    elif found and (c.no_load_optim or reshard):
+        # Megatron's meaning: weights, iteration and data position; optimizer only when
+        # re-sharding it from the full state; RNG unless --no-load-rng.
+        if reshard and not c.no_load_optim:
+            load_full_state(engine, path, tp_rank, head)
+        state = ckpt.TrainState(**state_from_header(head or {}))
+        if not c.no_load_rng:
+            ckpt.restore_rng(path)
+        what = "--no-load-optim: optimizer not loaded" if c.no_load_optim else \
+            f"optimizer re-sharded from DP={head['world_size'] // head['tp']} ZeRO-" \
+            f"{head.get('zero_stage')} to DP={cfg.parallel.data_parallel_size} ZeRO-{zero}"
+        _print0(f" loaded weights from {path} at iteration {state.iteration} ({what})")
+    elif found:
         state = ckpt.load_full(engine, found[0], found[1], restore_rng=not c.no_load_rng)
-        _print0(f" resumed from {os.path.join(*found)} at iteration {state.iteration}")
+        _print0(f" resumed from {path} at iteration {state.iteration}")
     return engine, optimizer, state
+
+
+def _wandb_kwargs(cfg: TrainConfig) -> Optional[dict]:
+    lg = cfg.logging
+    if not lg.wandb_project:
+        return None
+    return {"project": lg.wandb_project, "name": lg.wandb_exp_name, "dir": lg.wandb_save_dir,
+            "entity": lg.wandb_entity,
+            "config": {"shape": cfg.shape.to_dict(), "sat": cfg.sat.to_dict() if cfg.sat else None,
+                       "global_batch_size": cfg.batch.global_batch_size,
+                       "seq_length": cfg.batch.seq_length, "lr": cfg.optimizer.lr}}
 
 
 def pretrain(cfg: TrainConfig) -> dict:
@@ -184,7 +215,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         cfg.shape, cfg.batch.seq_length, cfg.batch.global_batch_size, cfg.train_iters,
         dist.get_world_size(), cfg.parallel.tensor_model_parallel_size,
         is_writer=dist.get_rank() == 0, tensorboard_dir=lg.tensorboard_dir,
-        metrics_file=lg.metrics_file,
+        metrics_file=lg.metrics_file, wandb=_wandb_kwargs(cfg),
         peak_tflops=lg.peak_tflops or peak_tflops_for_device(device_name))
     logger.skipped_total = state.skipped_iters
     stop = _StopRequest()
@@ -219,7 +250,7 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
         if valid_reader is not None and evaluated_at != state.iteration:
             valid_loss = evaluate(engine, valid_reader, cfg)
             evaluated_at = state.iteration
-            logger.log_eval(state.iteration, valid_loss)
+            logger.log_eval(state.iteration, valid_loss, state.consumed_samples)
 
     while state.iteration < cfg.train_iters:
         it = state.iteration
