@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -359,3 +360,7 @@ def _run(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

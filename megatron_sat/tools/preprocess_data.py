@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -318,3 +319,7 @@ def _run(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -67,3 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         destroy_parallel()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
