@@ -45,8 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         # First, so RANK/LOCAL_WORLD_SIZE are known under mpirun/srun too (one error line).
-        export_world(discover_world())
-        cfg = parse_args(argv)
+        world = discover_world()
+        export_world(world)
+        cfg = parse_args(argv, world_size=world.world_size)
     except ConfigError as e:
         return _error(str(e), 2)
     if os.environ.get("RANK", "0") == "0":
@@ -57,6 +58,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         initialize_parallel(cfg.parallel.tensor_model_parallel_size, cfg.seed)
+        if world.rank == 0:
+            print(f" > world of {world.world_size} processes ({world.launcher} launcher): "
+                  f"TP {cfg.parallel.tensor_model_parallel_size} x DP "
+                  f"{cfg.parallel.data_parallel_size}", flush=True)
         from megatron_sat.training.loop import pretrain
 
         pretrain(cfg)
