@@ -50,27 +50,41 @@ def _base_optimizer(engine):
 
 
 def gather_full_state(engine) -> dict:
-    """Collective over DP: this TP rank's full fp32 params and Adam moments, on CPU."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    """Collective over DP: this TP rank's full fp32 params and Adam moments, on CPU.
 
-    optimizer = _base_optimizer(engine)
+    Each DP rank contributes the fragment of every parameter its partition owns (zeros
+    elsewhere) and one all-reduce per parameter assembles it; every rank takes part in
+    every all-reduce, also for parameters it owns no fragment of.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
     if engine.zero_optimization_stage() == 3:
         return {}
+    optimizer = _base_optimizer(engine)
+    flats = _flat_partitions(engine.optimizer)
     out = {"step": _step_value(optimizer), "params": {}}
     for name, p in engine.module.named_parameters():
-        entry = {}
-        fp32 = safe_get_full_fp32_param(p)
-        entry["fp32"] = (fp32 if fp32 is not None else p.detach().float()).cpu().clone()
-        for key in ADAM_KEYS:
-            try:
-                v = safe_get_full_optimizer_state(p, key)
-            except (ValueError, TypeError, AttributeError):  # no step taken yet
-                v = torch.zeros_like(entry["fp32"])
-            if v is None:
-                st = optimizer.state.get(p, {})
-                v = st.get(key, torch.zeros_like(p, dtype=torch.float32))
-            entry[key] = v.detach().float().cpu().clone()
-        out["params"][name] = entry
+        if flats is None:  # ZeRO-0 fp32: the torch optimizer holds the parameters
+            st = optimizer.state.get(p, {})
+            full = [p.detach().float()] + [st.get(k, torch.zeros_like(p, dtype=torch.float32))
+                                           for k in ADAM_KEYS]
+        else:
+            buf = torch.zeros(1 + len(ADAM_KEYS), p.numel(), dtype=torch.float32,
+                              device=p.device)
+            m = getattr(p, "_hp_mapping", None)
+            if m is not None:
+                flat = flats[m.param_group_index]
+                st = optimizer.state.get(flat, {})
+                lp, hp = m.lp_fragment_address, m.hp_fragment_address
+                for i, src in enumerate([flat] + [st.get(k) for k in ADAM_KEYS]):
+                    if src is not None:
+                        buf[i].narrow(0, lp.start, lp.numel).copy_(src.narrow(0, hp.start,
+                                                                              hp.numel))
+            dist.all_reduce(buf, group=ps.get_data_parallel_group())
+            full = [row.view_as(p) for row in buf]
+        out["params"][name] = {k: v.detach().float().cpu().clone()
+                               for k, v in zip(("fp32",) + ADAM_KEYS, full)}
     return out
 
 
