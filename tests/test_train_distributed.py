@@ -34,8 +34,9 @@ def test_dp2_zero1_sat_nan_skip_and_log(tmp_path):
     for ln in lines:
         positions = [ln.index(field) for field in LOG_FIELDS]
         assert positions == sorted(positions), ln
-    assert "number of skipped iterations:   1 | number of nan iterations:   1 |" in lines[0]
-    assert "number of skipped iterations:   0 |" in lines[1]  # counted per interval
+    # the NaN step is the 3rd (t = 2): counted in the 2nd interval only, as in Megatron
+    assert "number of skipped iterations:   1 | number of nan iterations:   1 |" in lines[1]
+    assert all("number of skipped iterations:   0 |" in ln for ln in lines[:1] + lines[2:])
     assert "MFU: n/a" not in lines[-1]  # --peak-tflops given
     rows = [r for r in read_metrics(tmp_path / "tb" / "metrics.jsonl") if r["kind"] == "train"]
     assert rows[-1]["skipped_iters"] == 1  # the injected NaN step (t = 2) was skipped
