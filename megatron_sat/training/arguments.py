@@ -26,8 +26,6 @@ SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
-# Flags whose behaviour this trainer implements (the rest of megatron_compat's are logged).
-IMPLEMENTED_COMPAT = frozenset()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sat-seed", type=int, help="default: --seed")
     g.add_argument("--sat-dp-consistent", action=argparse.BooleanOptionalAction,
                    default=d.dp_consistent)
-    add_compat_flags(p)
+    add_compat_flags(p)  # sets p.compat_only
     return p
 
 
@@ -291,8 +289,9 @@ def _blend(tokens: Sequence[str]) -> tuple:
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
                ) -> TrainConfig:
     """Parse flags into a validated :class:`TrainConfig`; raises :class:`ConfigError`."""
-    a = build_parser().parse_args(argv)
-    notes, compat_problems = apply_compat(a, IMPLEMENTED_COMPAT)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    notes, compat_problems = apply_compat(a, parser.compat_only)
     problems = compat_problems + _architecture_problems(a)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -30,10 +30,14 @@ def _has(parser: argparse.ArgumentParser, flag: str) -> bool:
 def _add(group, parser, *flags, **kwargs) -> None:
     """Add ``flags`` unless another layer already defines the first of them."""
     if not _has(parser, flags[0]):
-        group.add_argument(*flags, **kwargs)
+        action = group.add_argument(*flags, **kwargs)
+        parser.compat_only.add(action.dest)
 
 
-def add_compat_flags(parser: argparse.ArgumentParser) -> None:
+def add_compat_flags(parser: argparse.ArgumentParser) -> frozenset:
+    """Add the compatibility flags; returns the dests only this layer defines (the ones
+    whose behaviour the trainer does not implement itself)."""
+    parser.compat_only = set()
     g = parser.add_argument_group(
         "Megatron-LM / Megatron-DeepSpeed compatibility",
         "Accepted so existing launch scripts run unchanged; what each one does here is "
@@ -67,17 +71,19 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> None:
     _add(g, parser, "--wandb-exp-name", default=None, help="W&B run name")
     _add(g, parser, "--wandb-save-dir", default=None, help="W&B local directory")
     _add(g, parser, "--wandb-entity", default=None, help="W&B entity (team)")
+    return frozenset(parser.compat_only)
 
 
 def _given(a, name):
     return getattr(a, name, None) not in (None, False)
 
 
-def apply_compat(a: argparse.Namespace, implemented: frozenset) -> tuple[list[str], list[str]]:
+def apply_compat(a: argparse.Namespace, compat_only: frozenset) -> tuple[list[str], list[str]]:
     """Resolve compatibility flags in ``a`` in place.
 
-    ``implemented`` names the flags whose behaviour the trainer implements itself (so they
-    are not reported as accepted-only). Returns ``(notes for the log, problems)``.
+    ``compat_only`` names the flags that only this layer defines (from
+    :func:`add_compat_flags`); flags the trainer defines itself are implemented there and
+    not reported as accepted-only. Returns ``(notes for the log, problems)``.
     """
     notes, problems = [], []
     if getattr(a, "pipeline_model_parallel_size", 1) != 1:
@@ -113,7 +119,7 @@ def apply_compat(a: argparse.Namespace, implemented: frozenset) -> tuple[list[st
         a.recompute_granularity, a.recompute_method = "full", a.recompute_method or "uniform"
     recompute = [f for f in ("recompute_granularity", "recompute_method", "recompute_num_layers",
                              "deepspeed_activation_checkpointing") if _given(a, f)]
-    not_here = [f for f in recompute if f not in implemented]
+    not_here = [f for f in recompute if f in compat_only]
     if not_here:
         notes.append("activation recomputation flags (" + ", ".join(
             "--" + f.replace("_", "-") for f in not_here) + ") accepted; this build "
