@@ -141,6 +141,8 @@ class Runner:
 
         set_sat_iteration(v.block, self.iteration)
         mods = list(_sat_modules(v.block))
+        for m in mods:  # step() already chose this iteration's units: time a fresh choice
+            m.sat_state.clear_selection()
         x = self.x
         sync(self.device)
         t0 = time.perf_counter()

@@ -22,10 +22,25 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 
 from megatron_sat import ops
-from megatron_sat.config import SATConfig
-from megatron_sat.importance import attention_unit_scores, neuron_scores, qkv_head_scores
+from megatron_sat.config import SATConfig, unsupported_settings
+from megatron_sat.importance import qkv_head_scores, scores_from_stats
 from megatron_sat.sat_state import SATLayerState
-from megatron_sat.selection import num_kept, select
+from megatron_sat.unit_selection import select_heads
+
+
+def _attention_setting_problems(config) -> list:
+    """Attention settings the SAT path (SDPA over kept heads, §4) would silently ignore."""
+    problems = []
+    if config.window_size is not None:
+        problems.append(f"window_size={config.window_size} (sliding-window attention) "
+                        "is not supported with SAT; unset it")
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        problems.append(f"softmax_type={config.softmax_type!r} is not supported with "
+                        "SAT; use 'vanilla'")
+    if config.no_rope_freq and any(config.no_rope_freq):
+        problems.append("no_rope_freq (layers without RoPE) is not supported with SAT; "
+                        "unset it")
+    return problems
 
 
 class SATSelfAttention(SelfAttention):
@@ -39,6 +54,12 @@ class SATSelfAttention(SelfAttention):
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type=AttnMaskType.causal, cp_comm_type=None, pg_collection=None,
                  sat_config: Optional[SATConfig] = None):
+        if sat_config is not None and sat_config.enabled:
+            # Before megatron builds anything: some of these fail there with a long
+            # message about a missing CUDA extension instead of naming the setting.
+            problems = unsupported_settings(config) + _attention_setting_problems(config)
+            if problems:
+                raise ValueError("SAT attention: " + "; ".join(problems))
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type,
                          pg_collection=pg_collection)
@@ -66,30 +87,21 @@ class SATSelfAttention(SelfAttention):
                 raise ValueError("SAT attention: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ selection
+    def sat_head_sums(self, stats: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[ng, q + 2]`` head sums of ``linear_qkv``'s neuron scores (SAT_SPEC §1–§2)."""
+        s = scores_from_stats(self.sat_state.config.metric, self.linear_qkv.weight,
+                              stats)  # [ng * (q + 2) * d]
+        return qkv_head_scores(s, self.sat_groups, self.sat_q_per_group, self.sat_head_dim)
+
     @torch.no_grad()
     def sat_select(self, hidden_states: torch.Tensor):
-        """Choose the kept heads for this iteration (SAT_SPEC §1–§3).
+        """The kept heads of this iteration (SAT_SPEC §1–§3), chosen once and cached.
 
         Returns ``(kept_groups [g'], kept_q [g', k_q])``: local group indices and, per
         kept group, the kept query heads' indices within the group.
         """
-        st, ng, q, d = self.sat_state, self.sat_groups, self.sat_q_per_group, self.sat_head_dim
-        cfg = st.config
-        s = neuron_scores(cfg.metric, self.linear_qkv.weight, hidden_states)  # [ng*(q+2)*d]
-        head_sums = st.dp_average(qkv_head_scores(s, ng, q, d))  # [ng, q+2]
-        units = attention_unit_scores(head_sums)  # [ng, q]
-        gen = st.generator(hidden_states.device)
-        if q == 1:
-            k = num_kept(ng, st.rate)
-            kept_groups = select(units[:, 0], k, cfg.selection, cfg.temperature, gen)  # [k]
-            kept_q = torch.zeros(k, 1, dtype=torch.long, device=units.device)
-            st.record(kept_groups, k, ng)
-        else:
-            k_q = num_kept(q, st.rate)
-            kept_q = select(units, k_q, cfg.selection, cfg.temperature, gen)  # [ng, k_q]
-            kept_groups = torch.arange(ng, device=units.device)
-            st.record(kept_groups.unsqueeze(1) * q + kept_q, ng * k_q, ng * q)
-        return kept_groups, kept_q
+        return select_heads(self.sat_state, hidden_states, self.sat_head_sums,
+                            self.sat_groups, self.sat_q_per_group)
 
     def sat_indices(self, kept_groups: torch.Tensor, kept_q: torch.Tensor):
         """Rows of fused ``linear_qkv`` and columns of ``linear_proj`` for the kept heads.
@@ -114,9 +126,15 @@ class SATSelfAttention(SelfAttention):
                 inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
                 rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
-        if not self.sat_state.active(self.training) or inference_context is not None \
-                or inference_params is not None or packed_seq_params is not None:
-            self.sat_state.mark_dense()
+        sparse = self.sat_state.active(self.training) and inference_context is None \
+            and inference_params is None
+        if sparse and packed_seq_params is not None:
+            raise ValueError("SAT attention: packed_seq_params (packed THD sequences) is not "
+                             "supported by the sparse path; train with padded [s, b] batches "
+                             "or disable SAT")
+        if not sparse:
+            if self.training:
+                self.sat_state.mark_dense()
             return super().forward(
                 hidden_states, attention_mask, key_value_states=key_value_states,
                 inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
@@ -161,9 +179,19 @@ class SATSelfAttention(SelfAttention):
         """Scaled-dot-product attention over the kept heads (flash kernels on GPU).
 
         query ``[sq, b, nq, d]``, key/value ``[sk, b, nkv, d]`` → ``[sq, b, nq * d]``.
+        Honours megatron's selective recomputation of ``core_attn``
+        (``recompute_granularity='selective'``): the kernel runs under
+        ``tensor_parallel.checkpoint`` and is recomputed in backward, as the stock
+        layer's ``_checkpointed_attention_forward`` does.
         """
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SAT attention")
+        if self.checkpoint_core_attention and self.training:
+            return tensor_parallel.checkpoint(self._sat_attention_kernel, False,
+                                              query, key, value, attention_mask)
+        return self._sat_attention_kernel(query, key, value, attention_mask)
+
+    def _sat_attention_kernel(self, query, key, value, attention_mask):
         causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal
         scale = self.config.softmax_scale
         if scale is None:

@@ -36,8 +36,10 @@ class SATConfig:
         ladder_rungs: ``N`` rungs of LORS.
         ladder_spacing: ``lengthening`` (``w_i = i``) or ``equal`` (``w_i = 1``).
         seed: base seed of the per-(iteration, layer, TP rank) selection generators (§3).
-        dp_consistent: average scores over the data-parallel group so every replica
-            trains the same sub-network (§3).
+        dp_consistent: all-reduce the input statistics (``maxip``'s ``x̄``, ``wanda``'s
+            column sums of squares) over the data-parallel group before scoring, so every
+            replica trains the same sub-network (§3 rev 2); no effect on ``uniform`` /
+            ``magnitude``, which need no collective.
     """
 
     enabled: bool = True
@@ -98,3 +100,18 @@ class SATConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def unsupported_settings(config) -> list:
+    """Problems with a megatron ``TransformerConfig`` that every SAT layer refuses.
+
+    ``gradient_accumulation_fusion`` makes megatron's linear layers accumulate weight
+    gradients into ``param.main_grad`` inside their own backward; the SAT path computes
+    with the weights directly and returns ``.grad`` through autograd, which megatron's
+    DDP would then never see.  Refusing is better than silently losing the gradient.
+    """
+    problems = []
+    if getattr(config, "gradient_accumulation_fusion", False):
+        problems.append("gradient_accumulation_fusion is not supported with SAT (its "
+                        "main_grad accumulation bypasses the sparse path); turn it off")
+    return problems

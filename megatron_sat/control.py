@@ -22,7 +22,11 @@ def set_sat_iteration(model: torch.nn.Module, iteration: int) -> tuple[float, fl
     """Set iteration ``t`` (completed iterations, 0-based) on every SAT layer of ``model``.
 
     Call it once before each training step's forward, including the first step after
-    a resume.  Returns the ``(ρ_attn, ρ_mlp)`` now in force (``(0, 0)`` without SAT).
+    a resume.  A new ``t`` drops the previous iteration's cached selection; the first
+    training forward of ``t`` then selects, and every later micro-batch and recomputed
+    forward of ``t`` reuses it (SAT_SPEC §3 rev 2).  Calling it again with the same ``t``
+    keeps the selection.  Returns the ``(ρ_attn, ρ_mlp)`` now in force (``(0, 0)``
+    without SAT).
     """
     rates = {"attn": 0.0, "mlp": 0.0}
     for module in _sat_modules(model):

@@ -19,10 +19,10 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 from megatron_sat import ops
-from megatron_sat.config import SATConfig
-from megatron_sat.importance import mlp_channel_scores, neuron_scores
+from megatron_sat.config import SATConfig, unsupported_settings
+from megatron_sat.importance import scores_from_stats
 from megatron_sat.sat_state import SATLayerState
-from megatron_sat.selection import num_kept, select
+from megatron_sat.unit_selection import select_channels
 
 
 class SATMLP(MLP):
@@ -31,6 +31,10 @@ class SATMLP(MLP):
     def __init__(self, config, submodules: MLPSubmodules, is_expert: bool = False,
                  input_size=None, ffn_hidden_size=None, tp_group=None,
                  sat_config: Optional[SATConfig] = None, layer_number: int = 1):
+        if sat_config is not None and sat_config.enabled:
+            problems = unsupported_settings(config)  # before megatron's own, vaguer checks
+            if problems:
+                raise ValueError("SAT MLP: " + "; ".join(problems))
         super().__init__(config=config, submodules=submodules, is_expert=is_expert,
                          input_size=input_size, ffn_hidden_size=ffn_hidden_size,
                          tp_group=tp_group)
@@ -52,22 +56,20 @@ class SATMLP(MLP):
         """Re-key the selection stream; the spec builder passes the real layer number."""
         self.sat_state.layer_key = 2 * (layer_number - 1) + 1
 
+    def sat_fc1_scores(self, stats: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[2f]`` neuron scores of ``linear_fc1`` (gate rows, then up rows; SAT_SPEC §1)."""
+        return scores_from_stats(self.sat_state.config.metric, self.linear_fc1.weight, stats)
+
     @torch.no_grad()
     def sat_select(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Kept local channels ``[k]`` for this iteration (SAT_SPEC §1–§3)."""
-        st = self.sat_state
-        cfg = st.config
-        s = neuron_scores(cfg.metric, self.linear_fc1.weight, hidden_states)  # [2f]
-        s = st.dp_average(s.view(2, -1)).view(-1)
-        channels = mlp_channel_scores(s)  # [f]
-        k = num_kept(self.sat_channels, st.rate)
-        kept = select(channels, k, cfg.selection, cfg.temperature, st.generator(s.device))
-        st.record(kept, k, self.sat_channels)
-        return kept
+        """Kept local channels ``[k]`` of this iteration (SAT_SPEC §1–§3), cached."""
+        return select_channels(self.sat_state, hidden_states, self.sat_fc1_scores,
+                               self.sat_channels)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if not self.sat_state.active(self.training) or per_token_scale is not None:
-            self.sat_state.mark_dense()
+            if self.training:
+                self.sat_state.mark_dense()
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         # hidden_states: [s, b, h], the normalised input of linear_fc1.
         kept = self.sat_select(hidden_states)  # [k]

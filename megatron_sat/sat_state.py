@@ -1,13 +1,15 @@
-"""Per-layer SAT state: current iteration and rate, seeded generator, DP score averaging.
+"""Per-layer SAT state: iteration and rate, seeded generator, the iteration's selection
+cache and the reduction of input statistics (SAT_SPEC §3, revision 2).
 
-Why a separate object: attention and MLP share the bookkeeping (which iteration it is,
-which rate applies, which generator to draw from, what was kept) but not the maths.
-The trainer reaches it only through :func:`megatron_sat.control.set_sat_iteration`.
+Why a separate object: attention and MLP — in megatron-core and in Hugging Face layers —
+share the bookkeeping (which iteration it is, which rate applies, which generator to
+draw from, what was kept this iteration) but not the maths.  The trainer reaches it only
+through :func:`megatron_sat.control.set_sat_iteration`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,15 @@ class SATLayerState:
         self.last_total = num_units
         self.track_frequency = False
         self.frequency: Optional[torch.Tensor] = None  # [num_units] times kept
+        # The selection of the current iteration (§3 rev 2): what ``unit_selection``
+        # stored at the first training forward of ``_cache_iteration``.
+        self._cache: Optional[Any] = None
+        self._cache_iteration: Optional[int] = None
+        self._cache_counts = (num_units, num_units)
+        # Where to reduce statistics over data parallelism: ``None`` = megatron-core's DP
+        # group (when initialised); integrations without megatron groups (Hugging Face
+        # under DeepSpeed) set their own group here.
+        self.data_parallel_group = None
         self.set_iteration(0)
 
     @property
@@ -51,7 +62,14 @@ class SATLayerState:
         return dist.get_rank(self.tp_group)
 
     def set_iteration(self, iteration: int) -> float:
-        """Move to iteration ``t``; returns this layer's omission rate ``ρ`` for it."""
+        """Move to iteration ``t``; returns this layer's omission rate ``ρ`` for it.
+
+        A new ``t`` drops the previous iteration's cached selection; setting the same
+        ``t`` again (e.g. once per micro-batch) keeps it, so all micro-batches of ``t``
+        train the same sub-network (§3 rev 2).
+        """
+        if int(iteration) != self._cache_iteration:
+            self.clear_selection()
         self.iteration = int(iteration)
         rho_attn, rho_mlp = omission_rates(self.config, self.iteration)
         self.rate = rho_attn if self.kind == "attn" else rho_mlp
@@ -65,20 +83,61 @@ class SATLayerState:
         return selection_generator(self.config.seed, self.iteration, self.layer_key,
                                    self.tp_rank, device)
 
-    def dp_average(self, scores: torch.Tensor) -> torch.Tensor:
-        """Average scores over the data-parallel group when ``dp_consistent`` (§3)."""
-        if not self.config.dp_consistent or not dist.is_initialized():
-            return scores
-        from megatron.core import parallel_state
+    # ------------------------------------------------------------ selection cache
+    def cached_selection(self) -> Optional[Any]:
+        """This iteration's selection, or ``None`` before its first training forward.
 
-        if not parallel_state.model_parallel_is_initialized():
-            return scores
-        world = parallel_state.get_data_parallel_world_size()
-        if world == 1:
-            return scores
-        scores = scores.contiguous()
-        dist.all_reduce(scores, group=parallel_state.get_data_parallel_group())
-        return scores / world
+        A Python lookup: reusing indices costs no collective and no host–device sync.
+        """
+        if self._cache is None or self._cache_iteration != self.iteration:
+            return None
+        self.last_kept, self.last_total = self._cache_counts
+        return self._cache
+
+    def store_selection(self, selection: Any) -> None:
+        """Keep ``selection`` (index tensors) for the rest of this iteration."""
+        self._cache = selection
+        self._cache_iteration = self.iteration
+        self._cache_counts = (self.last_kept, self.last_total)
+
+    def clear_selection(self) -> None:
+        self._cache = None
+        self._cache_iteration = None
+
+    # ------------------------------------------------------------ statistics
+    def reduce_stats(self, stats: Optional[torch.Tensor],
+                     sequence_group=None) -> Optional[torch.Tensor]:
+        """Combine this rank's input statistics with its peers' (SAT_SPEC §3 rev 2).
+
+        ``maxip``'s token mean ``x̄`` is averaged (every rank holds the same number of
+        tokens), ``wanda``'s column sums of squares are added.  Two reductions:
+
+        - ``sequence_group``: the ranks holding the other slices of the same sequences
+          (megatron's TP group under sequence parallelism).  Always reduced when given
+          with size > 1, because a sequence slice alone is not the layer's input.
+        - the data-parallel group, when ``config.dp_consistent`` and DP > 1, so every
+          replica scores the union of all replicas' first micro-batches and trains the
+          same sub-network.
+
+        ``None`` (``uniform`` / ``magnitude``) returns ``None`` with no collective.
+        """
+        if stats is None or not dist.is_initialized():
+            return stats
+        groups = []
+        if sequence_group is not None and dist.get_world_size(sequence_group) > 1:
+            groups.append(sequence_group)
+        if self.config.dp_consistent:
+            dp = self.data_parallel_group
+            if dp is None:
+                dp = _data_parallel_group()
+            if dp is not None and dist.get_world_size(dp) > 1:
+                groups.append(dp)
+        for group in groups:
+            stats = stats.contiguous()
+            dist.all_reduce(stats, group=group)  # in place: sum over the group
+            if self.config.metric == "maxip":
+                stats = stats / dist.get_world_size(group)  # mean of equal-count means
+        return stats
 
     def record(self, kept_units: torch.Tensor, kept: int, total: int) -> None:
         """Remember what was kept; optionally count per-unit selection frequency."""
@@ -92,3 +151,14 @@ class SATLayerState:
 
     def mark_dense(self) -> None:
         self.last_kept = self.last_total = self.num_units
+
+
+def _data_parallel_group():
+    """megatron's DP group when it has more than one rank, else ``None``."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_data_parallel_group()

@@ -3,6 +3,9 @@
 fp32 on CPU, SAT with temperature sampling on and a LORS rate change inside the second
 half, so the test covers weights, Adam state, data position, the SAT schedule and the
 per-iteration selection seeds. Per-iteration losses must be identical, not close.
+Global batch 4 = micro-batch 2 x 2 accumulation steps (DP = 1 in both cases), so the
+resumed run also rebuilds the one-selection-per-iteration cache shared by both
+micro-batches (SAT_SPEC §3 rev 2).
 """
 
 import os
@@ -31,6 +34,8 @@ def test_exact_resume(tmp_path, tp, zero):
                            "--eval-iters", "0", "--tensor-model-parallel-size", tp,
                            "--zero-stage", zero]
     launch = dict(launcher="torchrun" if tp > 1 else "python", nproc=tp)
+    micro = int(TINY[TINY.index("--micro-batch-size") + 1])
+    assert 4 // micro == 2  # world = TP, so DP = 1: 2 accumulation steps per iteration
     run_trainer(common + ["--metrics-file", tmp_path / "full.jsonl"], **launch)
     run_trainer(common + ["--save", tmp_path / "ckpt", "--exit-interval", ITERS // 2,
                           "--metrics-file", tmp_path / "a.jsonl"], **launch)
