@@ -10,8 +10,8 @@ rank, through DeepSpeed's fragment mappings (``_hp_mapping``); the result is the
 an uninterrupted run would have, so the loss curve continues (Megatron-DeepSpeed reaches
 the same with ``ds_to_universal`` plus ``--universal-checkpoint``).
 
-Supported: ZeRO stages 0, 1 and 2, fp32 and bf16. ZeRO-3 partitions parameters too; a
-ZeRO-3 checkpoint resumes at its own DP size (a one-line error says so otherwise).
+Supported: ZeRO stages 0-3, fp32 and bf16, in any combination (ZeRO-3 goes through
+DeepSpeed's ``safe_get/set_full_*`` API, which all-gathers its parameter partitions).
 """
 
 from __future__ import annotations
@@ -59,13 +59,13 @@ def gather_full_state(engine) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if engine.zero_optimization_stage() == 3:
-        return {}
     optimizer = _base_optimizer(engine)
     flats = _flat_partitions(engine.optimizer)
     out = {"step": _step_value(optimizer), "params": {}}
     for name, p in engine.module.named_parameters():
-        if flats is None:  # ZeRO-0 fp32: the torch optimizer holds the parameters
+        if engine.zero_optimization_stage() == 3:
+            full = _gather_zero3(engine.optimizer, optimizer, p)
+        elif flats is None:  # ZeRO-0 fp32: the torch optimizer holds the parameters
             st = optimizer.state.get(p, {})
             full = [p.detach().float()] + [st.get(k, torch.zeros_like(p, dtype=torch.float32))
                                            for k in ADAM_KEYS]
@@ -88,6 +88,32 @@ def gather_full_state(engine) -> dict:
     return out
 
 
+def _gather_zero3(z3, optimizer, p) -> list:
+    """ZeRO-3: every rank all-gathers each tensor (the partitions hold no whole parameter)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    group = z3.grad_position[z3.get_param_id(p)][0]
+    stepped = z3.fp32_partitioned_groups_flat[group] in optimizer.state
+    full = [safe_get_full_fp32_param(p)]
+    for key in ADAM_KEYS:
+        full.append(safe_get_full_optimizer_state(p, key) if stepped
+                    else torch.zeros(p.ds_shape, dtype=torch.float32))
+    return full
+
+
+def _load_zero3(z3, optimizer, named: dict, state: dict, step: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    for flat in z3.fp32_partitioned_groups_flat:
+        optimizer.state[flat] = {"step": step.clone(),
+                                 **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
+    for name, p in named.items():
+        src = state["params"][name]
+        safe_set_full_fp32_param(p, src["fp32"].to(p.ds_tensor.device))
+        for key in ADAM_KEYS:
+            safe_set_full_optimizer_state(p, src[key].to(p.ds_tensor.device), key)
+
+
 def save_full_state(engine, ckpt: str, tp_rank: int, dp_rank: int) -> None:
     """Collective: every rank gathers, DP rank 0 of each TP rank writes."""
     state = gather_full_state(engine)
@@ -108,10 +134,6 @@ def needs_reshard(head: dict, dp: int, zero_stage: int) -> bool:
 def load_full_state(engine, ckpt: str, tp_rank: int, head: dict) -> None:
     """Write the checkpoint's full state into this run's partitions (no collectives)."""
     path = optim_file(ckpt, tp_rank)
-    if engine.zero_optimization_stage() == 3 or head.get("zero_stage") == 3:
-        raise ConfigError(f"--load {ckpt} was saved at DP={head['world_size'] // head['tp']}, "
-                          f"ZeRO-{head.get('zero_stage')}; resuming a ZeRO-3 run at another "
-                          f"DP size or stage is not supported, use the same GPU count")
     if not os.path.isfile(path):
         raise ConfigError(f"--load {ckpt} has no {path} (saved by an older version), so it "
                           f"can only resume at its own DP size {head['world_size'] // head['tp']}")
@@ -125,7 +147,9 @@ def load_full_state(engine, ckpt: str, tp_rank: int, head: dict) -> None:
     flats = _flat_partitions(zero_opt)
     step = torch.tensor(state["step"], dtype=torch.float32)
     with torch.no_grad():
-        if flats is not None:  # ZeRO-1/2 or bf16: flat fp32 partitions own the state
+        if engine.zero_optimization_stage() == 3:
+            _load_zero3(zero_opt, optimizer, named, state, step)
+        elif flats is not None:  # ZeRO-1/2 or bf16: flat fp32 partitions own the state
             base = optimizer
             for flat in flats:
                 base.state[flat] = {"step": step.clone(),
