@@ -90,6 +90,20 @@ def _mpi_family(env: Mapping[str, str]) -> list[tuple[str, int, int, int, Option
     return found
 
 
+def _mpi4py_rank0_address() -> Optional[str]:
+    """Rank 0's address, broadcast with mpi4py when it is installed (what DeepSpeed's
+    ``mpi_discovery`` does); None without mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    import socket
+
+    comm = MPI.COMM_WORLD
+    addr = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
+    return comm.bcast(addr, root=0)
+
+
 def _master(env: Mapping[str, str], launcher: str, world: int, local_world: Optional[int]
             ) -> tuple[str, int]:
     port = _int(env, "MASTER_PORT")
@@ -104,9 +118,13 @@ def _master(env: Mapping[str, str], launcher: str, world: int, local_world: Opti
         or env.get("SLURM_NODELIST")
     if launcher == "slurm" and nodelist:
         return first_slurm_host(nodelist), port
+    addr = _mpi4py_rank0_address()
+    if addr:
+        return addr, port
     raise ConfigError(f"started by {launcher} with {world} processes on several nodes but "
                       f"MASTER_ADDR is not set; export MASTER_ADDR=<first node's address> "
-                      f"(mpirun -x MASTER_ADDR) or launch with deepspeed/torchrun")
+                      f"(mpirun -x MASTER_ADDR), install mpi4py, or launch with "
+                      f"deepspeed/torchrun")
 
 
 def discover_world(env: Optional[Mapping[str, str]] = None) -> LaunchWorld:
