@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional, Sequence
 
 from megatron_sat.config import LADDER_SPACINGS, METRICS, SATConfig, SCHEDULES, SELECTIONS
@@ -36,7 +37,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pretrain_llama.py", allow_abbrev=False, description=DESCRIPTION,
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    p = _Parser(prog=prog if prog.startswith("megatron-sat") else "pretrain_llama.py",
+                allow_abbrev=False, description=DESCRIPTION,
                 epilog=EPILOG, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(PRESETS),

@@ -29,9 +29,15 @@ def _set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
+def _prog() -> str:
+    """The name the user typed: the console script, else the Megatron-style root script."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("megatron-sat") else "pretrain_llama.py"
+
+
 def _error(msg: str, code: int) -> int:
     if os.environ.get("RANK", "0") == "0":
-        print(f"pretrain_llama.py: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{_prog()}: error: {msg}", file=sys.stderr, flush=True)
     return code
 
 
