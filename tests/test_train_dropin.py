@@ -182,3 +182,19 @@ def test_megatron_aliases_and_tokenizer_types_shared_with_tools(spm_model):
         assert parse_args(base + ["--tokenizer-type", t, "--tokenizer-model", spm_model]
                           ).shape.vocab_size == 100
         assert load_tokenizer(t, spm_model).vocab_size == 100  # the tools read the same names
+
+
+def test_use_checkpoint_args_takes_the_shape_from_meta_json(tmp_path):
+    from megatron_sat.model import PRESETS
+    from megatron_sat.training.arguments import parse_args
+
+    shape = PRESETS["tinyllama-1.1b"].to_dict()
+    (tmp_path / "iter_0000010").mkdir()
+    (tmp_path / "iter_0000010" / "meta.json").write_text(json.dumps({"shape": shape, "tp": 1}))
+    (tmp_path / "latest").write_text("iter_0000010\n")
+    base = ["--data-path", "x", "--seq-length", "64", "--load", str(tmp_path)]
+    assert parse_args(base).shape.to_dict() == shape  # no shape flags: from the checkpoint
+    cfg = parse_args(base + ["--use-checkpoint-args", "--num-layers", "3"])
+    assert cfg.shape.to_dict() == shape  # the checkpoint wins, as in Megatron
+    assert any("over the flags num_layers" in n for n in cfg.notes)
+    assert parse_args(base + ["--num-layers", "3", "--model", "tiny"]).shape.num_layers == 3

@@ -141,3 +141,16 @@ def test_deepspeed_launcher_openmpi_forms_one_world(tmp_path):
     assert "world of 2 processes (openmpi launcher): TP 1 x DP 2" in proc.stdout
     rows = [r for r in read_metrics(tmp_path / "ompi.jsonl") if r["kind"] == "train"]
     assert [r["consumed_samples"] for r in rows] == [4, 8]
+
+
+def test_world_mismatch_from_the_command_line(capsys, monkeypatch):
+    """``srun -n 2 deepspeed --num_gpus 1 ...``: two separate one-rank worlds, refused."""
+    from megatron_sat.training.main import main
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2"}.items():
+        monkeypatch.setenv(k, v)
+    rc = main(["--model", "tiny", "--data-path", "x"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "srun started 2 processes but WORLD_SIZE=1" in err
