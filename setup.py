@@ -30,11 +30,13 @@ setup(
         # builds against the installed torch: pip install --no-build-isolation ".[flash]"
         "flash": ["flash-attn>=2.6"],
         "wandb": ["wandb"],
-        "tools": ["transformers>=4.45", "safetensors", "protobuf"],
+        "tools": ["transformers>=4.45", "safetensors", "protobuf", "accelerate>=1.0"],
+        # SFT with SAT on HF Transformers (megatron_sat.hf, sft_llama.py)
+        "hf": ["transformers>=5.0", "accelerate>=1.0", "safetensors", "protobuf"],
         "tensorboard": ["tensorboard"],
         "bench": ["matplotlib"],
-        "dev": ["pytest", "transformers>=4.45", "safetensors", "protobuf", "tensorboard",
-                "matplotlib"],
+        "dev": ["pytest", "transformers>=5.0", "accelerate>=1.0", "safetensors", "protobuf",
+                "tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": [
         "megatron-sat-train = megatron_sat.training.main:main",
@@ -43,6 +45,7 @@ setup(
         "megatron-sat-extend-vocab = megatron_sat.tools.extend_vocab:main",
         "megatron-sat-eval-ppl = megatron_sat.tools.eval_ppl:main",
         "megatron-sat-fetch-demo-data = megatron_sat.tools.fetch_demo_data:main",
+        "megatron-sat-sft = megatron_sat.hf.sft_main:main",
     ]},
     license="Apache-2.0",
 )

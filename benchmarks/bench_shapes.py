@@ -84,15 +84,19 @@ def make_config(shape: BenchShape, dtype: torch.dtype):
 
 def build_block(shape: BenchShape, dtype: torch.dtype, device: torch.device,
                 sat_config=None, attention: str = "sdpa"):
-    """A ``TransformerBlock`` of ``shape.layers`` Llama layers (no final norm)."""
+    """A ``TransformerBlock`` of ``shape.layers`` Llama layers (no final norm).
+
+    ``attention`` is the run's backend (``auto``, ``flash``, ``sdpa``, ``unfused``;
+    ``stock`` = ``unfused``): dense, SAT and ideal variants all run that one kernel.
+    """
     from megatron.core.transformer.transformer_block import TransformerBlock
 
+    from megatron_sat.core_attention import resolve_attention_backend
     from megatron_sat.spec import get_sat_layer_spec
-    from sdpa_core_attention import with_sdpa_core_attention
 
-    spec = get_sat_layer_spec(sat_config)
-    if attention == "sdpa":
-        spec = with_sdpa_core_attention(spec)
+    backend = resolve_attention_backend("unfused" if attention == "stock" else attention,
+                                        device.type, dtype)
+    spec = get_sat_layer_spec(sat_config, backend)
     block = TransformerBlock(make_config(shape, dtype), spec, post_layer_norm=False,
                              pre_process=True, post_process=False)
     return block.to(device=device, dtype=dtype).train()

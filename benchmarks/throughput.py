@@ -26,6 +26,8 @@ Examples::
     python benchmarks/throughput.py --preset llama2-7b --device cuda --dtype bf16 \\
         --micro-batch 2 --seq-length 4096 --layers 4
     python benchmarks/throughput.py --preset tiny --end-to-end
+    python benchmarks/throughput.py --end-to-end --e2e-model cpu-layers --rates 0.5 \\
+        --micro-batch 2 --seq-length 512 --iters 6 --warmup 2
 """
 
 from __future__ import annotations
@@ -205,6 +207,10 @@ def run_layers(args) -> dict:
         torch.set_num_threads(args.threads)
     initialize_parallel(1, seed=args.seed)
     torch.manual_seed(args.seed)
+    from megatron_sat.core_attention import resolve_attention_backend
+
+    args.attention = resolve_attention_backend(
+        "unfused" if args.attention == "stock" else args.attention, device.type, dtype)
 
     variants: list[Variant] = []
     dense = build_block(shape, dtype, device, None, args.attention)
@@ -332,9 +338,11 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 15 CPU, 30 CUDA)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "stock"],
-                   help="core attention of dense/rate-0/ideal variants: SDPA (same kernel as "
-                        "SAT's sparse path) or megatron-core's DotProductAttention")
+    p.add_argument("--attention", default="sdpa",
+                   choices=["auto", "flash", "sdpa", "unfused", "stock"],
+                   help="attention backend of every variant (megatron_sat.core_attention; "
+                        "dense and SAT run the same kernel); stock = unfused, megatron-core's "
+                        "DotProductAttention")
     p.add_argument("--naive", action="store_true",
                    help="also time SAT through autograd index_select (the unoptimised ops)")
     p.add_argument("--threads", type=int, default=None,
@@ -344,7 +352,10 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="benchmarks/out")
     p.add_argument("--end-to-end", action="store_true",
                    help="time full pretrain_llama.py training steps instead of layers")
-    p.add_argument("--e2e-model", default="tiny")
+    p.add_argument("--e2e-model", default="tiny",
+                   help="a model preset, or cpu-layers / llama2-7b-4l (bench_e2e.E2E_PRESETS)")
+    p.add_argument("--e2e-rounds", type=int, default=2,
+                   help="end-to-end: rounds, each running every variant once (side by side)")
     p.add_argument("--e2e-extra", nargs=argparse.REMAINDER, default=[],
                    help="extra arguments passed to pretrain_llama.py (must come last)")
     p.add_argument("--verbose", action="store_true")

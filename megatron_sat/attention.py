@@ -13,18 +13,16 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-)
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 
 from megatron_sat import ops
 from megatron_sat.config import SATConfig, unsupported_settings
+from megatron_sat.core_attention import attention_over_heads, backend_of
 from megatron_sat.importance import qkv_head_scores, scores_from_stats
 from megatron_sat.sat_state import SATLayerState
+from megatron_sat.sequence_parallel import enter_tp_region, exit_tp_region
 from megatron_sat.unit_selection import select_heads
 
 
@@ -66,6 +64,8 @@ class SATSelfAttention(SelfAttention):
         self.sat_groups = self.num_query_groups_per_partition
         self.sat_q_per_group = self.num_attention_heads_per_partition // self.sat_groups
         self.sat_head_dim = self.hidden_size_per_attention_head
+        # The sparse path runs the dense path's kernel (flash / sdpa / unfused).
+        self.sat_attention_backend = backend_of(self.core_attention)
         units = self.sat_groups if self.sat_q_per_group == 1 else self.num_attention_heads_per_partition
         self.sat_state = SATLayerState(sat_config, "attn", layer_number, self.tp_group, units)
         if self.sat_state.config.enabled:
@@ -73,8 +73,6 @@ class SATSelfAttention(SelfAttention):
             if config.num_query_groups % self.world_size:
                 problems.append(f"num_query_groups={config.num_query_groups} is not divisible by "
                                 f"tensor-parallel size {self.world_size}")
-            if config.sequence_parallel:
-                problems.append("sequence_parallel is not supported with SAT; turn it off")
             if config.attention_output_gate:
                 problems.append("attention_output_gate is not supported with SAT")
             if self.pg_collection.cp.size() > 1:
@@ -145,12 +143,14 @@ class SATSelfAttention(SelfAttention):
         return self._sat_forward(hidden_states, attention_mask, rotary_pos_emb, attention_bias)
 
     def _sat_forward(self, hidden_states, attention_mask, rotary_pos_emb, attention_bias):
-        # hidden_states: [sq, b, h], the normalised input of linear_qkv.
-        kept_groups, kept_q = self.sat_select(hidden_states)
+        # hidden_states: [sq, b, h] ([sq/tp, b, h] with sequence parallelism), the
+        # normalised input of linear_qkv; x: [sq, b, h], scored on the full sequence.
+        sp = self.config.sequence_parallel
+        x = enter_tp_region(hidden_states, sp, self.tp_group)
+        kept_groups, kept_q = self.sat_select(x)
         rows, cols = self.sat_indices(kept_groups, kept_q)
         g, k_q = kept_q.shape
         d = self.sat_head_dim
-        x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
         qkv = ops.linear_rows(x, self.linear_qkv.weight, rows, self.linear_qkv.bias)
         sq, b = qkv.shape[:2]
         qkv = qkv.view(sq, b, g, (k_q + 2) * d)  # [sq, b, g', (k_q + 2) * d]
@@ -169,14 +169,14 @@ class SATSelfAttention(SelfAttention):
         context = self._sat_core_attention(query, key, value, attention_mask, attention_bias)
         # context: [sq, b, g' * k_q * d] -> kept columns of linear_proj, then TP reduce.
         out = ops.linear_cols(context, self.linear_proj.weight, cols)  # [sq, b, h]
-        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        out = exit_tp_region(out, sp, self.tp_group)  # [sq(/tp), b, h]
         bias = self.linear_proj.bias
         if bias is not None and not self.linear_proj.skip_bias_add:
             return out + bias, None
         return out, bias
 
     def _sat_core_attention(self, query, key, value, attention_mask, attention_bias):
-        """Scaled-dot-product attention over the kept heads (flash kernels on GPU).
+        """The run's attention backend over the kept heads (see ``core_attention``).
 
         query ``[sq, b, nq, d]``, key/value ``[sk, b, nkv, d]`` → ``[sq, b, nq * d]``.
         Honours megatron's selective recomputation of ``core_attn``
@@ -199,9 +199,11 @@ class SATSelfAttention(SelfAttention):
         p = self.config.attention_dropout if self.training else 0.0
         if p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return ops.attention(query, key, value, attention_mask, causal=causal,
-                                     scale=scale, dropout_p=p)
-        return ops.attention(query, key, value, attention_mask, causal=causal, scale=scale)
+                return attention_over_heads(self.sat_attention_backend, query, key, value,
+                                            attention_mask, causal=causal, scale=scale,
+                                            dropout_p=p)
+        return attention_over_heads(self.sat_attention_backend, query, key, value,
+                                    attention_mask, causal=causal, scale=scale)
 
     def sat_external_parameters(self):
         """Parameters this module reads directly in the SAT path (ZeRO-3 must gather them)."""

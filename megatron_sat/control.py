@@ -69,3 +69,18 @@ def set_track_frequency(model: torch.nn.Module, on: bool = True) -> None:
     """Count how often each head / channel is kept (``sat_state.frequency``)."""
     for module in _sat_modules(model):
         module.sat_state.track_frequency = on
+
+
+def set_sat_timing(model: torch.nn.Module, on: bool = True) -> None:
+    """Time every fresh selection (``--timing-log-level`` >= 1; syncs CUDA around it)."""
+    for module in _sat_modules(model):
+        module.sat_state.time_selection = on
+
+
+def pop_sat_selection_seconds(model: torch.nn.Module) -> float:
+    """Seconds spent selecting since the last call, summed over layers (this rank)."""
+    total = 0.0
+    for module in _sat_modules(model):
+        total += module.sat_state.selection_seconds
+        module.sat_state.selection_seconds = 0.0
+    return total

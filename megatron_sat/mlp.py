@@ -12,16 +12,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-)
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 from megatron_sat import ops
 from megatron_sat.config import SATConfig, unsupported_settings
 from megatron_sat.importance import scores_from_stats
 from megatron_sat.sat_state import SATLayerState
+from megatron_sat.sequence_parallel import enter_tp_region, exit_tp_region
 from megatron_sat.unit_selection import select_channels
 
 
@@ -45,8 +42,6 @@ class SATMLP(MLP):
             problems = []
             if not (config.gated_linear_unit and config.activation_func is F.silu):
                 problems.append("SAT MLP needs a SwiGLU MLP (gated_linear_unit=True, silu)")
-            if config.sequence_parallel:
-                problems.append("sequence_parallel is not supported with SAT; turn it off")
             if is_expert:
                 problems.append("MoE experts are not supported with SAT")
             if problems:
@@ -71,15 +66,17 @@ class SATMLP(MLP):
             if self.training:
                 self.sat_state.mark_dense()
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
-        # hidden_states: [s, b, h], the normalised input of linear_fc1.
-        kept = self.sat_select(hidden_states)  # [k]
+        # hidden_states: [s, b, h] ([s/tp, b, h] with sequence parallelism), the normalised
+        # input of linear_fc1; x: [s, b, h], scored on the full sequence.
+        sp = self.config.sequence_parallel
+        x = enter_tp_region(hidden_states, sp, self.tp_group)
+        kept = self.sat_select(x)  # [k]
         rows = torch.cat([kept, kept + self.sat_channels])  # gate rows, then up rows
-        x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
         fc1 = ops.linear_rows(x, self.linear_fc1.weight, rows, self.linear_fc1.bias)  # [s, b, 2k]
         gate, up = torch.chunk(fc1, 2, dim=-1)
         inter = F.silu(gate) * up  # [s, b, k]
         out = ops.linear_cols(inter, self.linear_fc2.weight, kept)  # [s, b, h]
-        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        out = exit_tp_region(out, sp, self.tp_group)  # [s(/tp), b, h]
         return out, self.linear_fc2.bias
 
     def sat_external_parameters(self):

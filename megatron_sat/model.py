@@ -100,8 +100,15 @@ PRESETS = {
 
 def transformer_config(shape: LlamaShape, tp: int = 1, params_dtype: torch.dtype = torch.float32,
                        use_cpu_initialization: Optional[bool] = None,
-                       init_method_std: float = 0.02):
-    """megatron-core ``TransformerConfig`` for a Llama shape, with CPU-safe fusions off."""
+                       init_method_std: float = 0.02, sequence_parallel: bool = False,
+                       recompute_granularity: Optional[str] = None,
+                       recompute_method: Optional[str] = None,
+                       recompute_num_layers: Optional[int] = None):
+    """megatron-core ``TransformerConfig`` for a Llama shape, with CPU-safe fusions off.
+
+    ``sequence_parallel`` and the ``recompute_*`` settings are megatron-core's own (the
+    trainer's ``--sequence-parallel`` / ``--recompute-*`` flags); SAT layers honour them.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     shape.check_tp(tp)
@@ -131,26 +138,36 @@ def transformer_config(shape: LlamaShape, tp: int = 1, params_dtype: torch.dtype
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
 def build_gpt_model(shape: LlamaShape, sat: Optional[SATConfig] = None, tp: int = 1,
                     params_dtype: torch.dtype = torch.float32, seq_length: Optional[int] = None,
-                    init_method_std: float = 0.02):
+                    init_method_std: float = 0.02, attention_backend: str = "unfused",
+                    **parallel_settings):
     """A megatron-core ``GPTModel`` with Llama architecture, SAT layers when ``sat`` is on.
 
     Requires :func:`megatron_sat.parallel.initialize_parallel` to have run. The state-dict
-    layout is megatron-core's own whatever ``sat`` is, so checkpoints move freely between
-    SAT and dense runs.
+    layout is megatron-core's own whatever ``sat``, the attention backend, recomputation
+    or sequence parallelism, so checkpoints move freely between runs.
+    ``attention_backend`` is a resolved backend (``flash``, ``sdpa``, ``unfused``; see
+    :mod:`megatron_sat.core_attention`); ``parallel_settings`` are
+    :func:`transformer_config`'s ``sequence_parallel`` and ``recompute_*`` keywords.
     """
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_sat.sequence_parallel import sequence_parallel_block_spec
     from megatron_sat.spec import get_sat_layer_spec
 
     config = transformer_config(shape, tp=tp, params_dtype=params_dtype,
-                                init_method_std=init_method_std)
-    spec = get_sat_layer_spec(sat)
+                                init_method_std=init_method_std, **parallel_settings)
+    spec = get_sat_layer_spec(sat, attention_backend)
+    if config.sequence_parallel:
+        spec = sequence_parallel_block_spec(spec, shape.num_layers)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

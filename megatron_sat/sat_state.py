@@ -9,6 +9,7 @@ through :func:`megatron_sat.control.set_sat_iteration`.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 import torch
@@ -53,6 +54,10 @@ class SATLayerState:
         # group (when initialised); integrations without megatron groups (Hugging Face
         # under DeepSpeed) set their own group here.
         self.data_parallel_group = None
+        # --timing-log-level >= 1: seconds spent selecting (statistics, their reduction,
+        # scores, draw), summed until the trainer collects them.
+        self.time_selection = False
+        self.selection_seconds = 0.0
         self.set_iteration(0)
 
     @property
@@ -99,6 +104,21 @@ class SATLayerState:
         self._cache = selection
         self._cache_iteration = self.iteration
         self._cache_counts = (self.last_kept, self.last_total)
+
+    def selection_timer_start(self, x: torch.Tensor) -> Optional[float]:
+        """Start timing a fresh selection (``None`` when timing is off)."""
+        if not self.time_selection:
+            return None
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        return time.perf_counter()
+
+    def selection_timer_stop(self, x: torch.Tensor, t0: Optional[float]) -> None:
+        if t0 is None:
+            return
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.selection_seconds += time.perf_counter() - t0
 
     def clear_selection(self) -> None:
         self._cache = None

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_sat.attention import SATSelfAttention
 from megatron_sat.config import SATConfig
+from megatron_sat.core_attention import with_attention_backend
 from megatron_sat.mlp import SATMLP
 
 
@@ -35,12 +36,16 @@ _MLP_FILTER = _KnownSATMLPFilter()
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_MLP_FILTER)
 
 
-def get_sat_layer_spec(sat_config: Optional[SATConfig] = None) -> ModuleSpec:
+def get_sat_layer_spec(sat_config: Optional[SATConfig] = None,
+                       attention_backend: str = "unfused") -> ModuleSpec:
     """A Llama (RMSNorm, SwiGLU) GPT layer spec; SAT layers when ``sat_config`` is given.
 
     With ``sat_config=None`` it is megatron-core's stock local spec.  With a config
     (enabled or not) attention and MLP are :class:`SATSelfAttention` / :class:`SATMLP`;
     they behave as the stock layers whenever the current rate is 0 (SAT_SPEC §4).
+    ``attention_backend`` (``flash``, ``sdpa`` or ``unfused``, already resolved; see
+    :mod:`megatron_sat.core_attention`) picks the core attention of dense steps, and SAT's
+    sparse path runs the same kernel.
 
     Example::
 
@@ -48,7 +53,8 @@ def get_sat_layer_spec(sat_config: Optional[SATConfig] = None) -> ModuleSpec:
         model = GPTModel(config, spec, vocab_size, max_sequence_length=4096,
                          position_embedding_type="rope")
     """
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = with_attention_backend(get_gpt_layer_local_spec(normalization="RMSNorm"),
+                                  attention_backend)
     if sat_config is None:
         return spec
     spec = copy.deepcopy(spec)

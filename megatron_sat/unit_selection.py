@@ -55,6 +55,7 @@ def select_heads(state: SATLayerState, x: torch.Tensor,
     cached = state.cached_selection()
     if cached is not None:
         return cached
+    t0 = state.selection_timer_start(x)
     cfg, ng, q = state.config, num_groups, q_per_group
     head_sums = head_sums_fn(_reduced_stats(state, x, sequence_group))  # [ng, q + 2]
     if tuple(head_sums.shape) != (ng, q + 2):
@@ -73,6 +74,7 @@ def select_heads(state: SATLayerState, x: torch.Tensor,
         kept_groups = torch.arange(ng, device=units.device)
         state.record(kept_groups.unsqueeze(1) * q + kept_q, ng * k_q, ng * q)
     state.store_selection((kept_groups, kept_q))
+    state.selection_timer_stop(x, t0)
     return kept_groups, kept_q
 
 
@@ -95,6 +97,7 @@ def select_channels(state: SATLayerState, x: torch.Tensor,
     cached = state.cached_selection()
     if cached is not None:
         return cached
+    t0 = state.selection_timer_start(x)
     cfg = state.config
     scores = fc1_scores_fn(_reduced_stats(state, x, sequence_group))  # [2f]
     if tuple(scores.shape) != (2 * num_channels,):
@@ -105,4 +108,5 @@ def select_channels(state: SATLayerState, x: torch.Tensor,
     kept = select(channels, k, cfg.selection, cfg.temperature, state.generator(channels.device))
     state.record(kept, k, num_channels)
     state.store_selection(kept)
+    state.selection_timer_stop(x, t0)
     return kept

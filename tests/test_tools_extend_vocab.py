@@ -58,8 +58,8 @@ def test_hf_and_sentencepiece_ids_agree(extended, demo_data):
     hf = AutoTokenizer.from_pretrained(str(root / "tok"))
     assert len(hf) == sp.get_piece_size()
     news = demo_data.zh_news.read_text(encoding="utf-8").splitlines()[-300:]
-    en = [l for l in demo_data.en_botchan.read_text(encoding="utf-8").splitlines()[:200]
-          if "  " not in l]  # runs of spaces: the *base* tokenizer already differs in HF
+    # runs of spaces included: tokenizer.json's merges follow sentencepiece's scores
+    en = demo_data.en_botchan.read_text(encoding="utf-8").splitlines()[:200]
     for text in MIXED + news + en:
         ids = sp.encode(text)
         assert hf.encode(text, add_special_tokens=False) == ids, text
@@ -92,7 +92,7 @@ def test_resized_hf_checkpoint_keeps_old_rows(extended):
     root, report = extended
     old, new = load_hf_state_dict(root / "hf"), load_hf_state_dict(root / "hf_zh")
     rows = report.resize.rows
-    assert rows % 128 == 0 and rows >= report.new_vocab_size
+    assert rows == report.new_vocab_size  # one rule: HF folders hold the true vocabulary
     assert json.loads((root / "hf_zh" / "config.json").read_text())["vocab_size"] == rows
     for k in ("model.embed_tokens.weight", "lm_head.weight"):
         assert new[k].shape == (rows, old[k].shape[1])

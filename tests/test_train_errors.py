@@ -43,15 +43,14 @@ def test_bad_input_one_line_errors(tmp_path):
         assert "--" in line  # names the flag to change
 
     # a converter-format checkpoint of another shape (4 layers instead of 2)
-    ckpt = tmp_path / "hf_converted"
-    os.makedirs(ckpt / "iter_0000000" / "mp_rank_00")
-    (ckpt / "latest").write_text("iter_0000000\n")
-    other = dict(num_layers=4, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4,
-                 num_query_groups=4, vocab_size=512, make_vocab_size_divisible_by=64,
-                 max_position_embeddings=128)
-    torch.save({"model": {}, "shape": other, "padded_vocab_size": 512, "tp": 1},
-               ckpt / "iter_0000000" / "mp_rank_00" / "model.pt")
-    proc = run_trainer(ok + ["--load", ckpt, "--finetune"], check=False)
+    from megatron_sat.model import LlamaShape
+    from megatron_sat.tools.ckpt_format import save_megatron_checkpoint
+
+    other = LlamaShape(num_layers=4, hidden_size=64, ffn_hidden_size=192, num_attention_heads=4,
+                       num_query_groups=4, vocab_size=512, make_vocab_size_divisible_by=64,
+                       max_position_embeddings=128)
+    save_megatron_checkpoint(tmp_path / "hf_converted", [{}], other)
+    proc = run_trainer(ok + ["--load", tmp_path / "hf_converted", "--finetune"], check=False)
     _one_line_error(proc, "another model shape (checkpoint vs flags: num_layers 4 vs 2)")
 
 

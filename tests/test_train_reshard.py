@@ -49,3 +49,25 @@ def test_resume_dp2_checkpoint_at_dp1_and_dp4(tmp_path):
     assert sorted(noopt) == [4, 5, 6]  # Megatron's meaning: iteration and data kept
     assert noopt[4] == pytest.approx(ref[4], rel=1e-6)  # same weights, same batch
     assert abs(noopt[5] - ref[5]) > 1e-4 * abs(ref[5])  # fresh Adam moments change step 4
+
+
+def test_resume_dp2_zero0_checkpoint_at_dp1_zero2(tmp_path):
+    """ZeRO-0 keeps the full optimizer state in DeepSpeed's model-state file, which is
+    re-sharded from there (no second copy is stored; ckpt_format.py)."""
+    data = make_data(str(tmp_path / "data"))
+    common = TINY[:-2] + ["--micro-batch-size", "1", "--data-path", data, "--split", "90,10,0",
+                          "--data-cache-path", tmp_path / "cache", "--global-batch-size", "4",
+                          "--train-iters", "5", "--lr", "5e-3", "--lr-warmup-iters", "1",
+                          "--log-interval", "1", "--eval-iters", "0"]
+    run_trainer(common + ["--zero-stage", "0", "--save", tmp_path / "ckpt", "--save-interval", "3",
+                          "--metrics-file", tmp_path / "ref.jsonl"], launcher="torchrun", nproc=2)
+    ref = _losses(tmp_path / "ref.jsonl")
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000003\n")
+    assert not (tmp_path / "ckpt" / "iter_0000003" / "optim").exists()
+    proc = run_trainer(common + ["--zero-stage", "2", "--load", tmp_path / "ckpt",
+                                 "--metrics-file", tmp_path / "dp1.jsonl"])
+    assert "optimizer re-sharded from DP=2 ZeRO-0 to DP=1 ZeRO-2" in proc.stdout
+    got = _losses(tmp_path / "dp1.jsonl")
+    assert sorted(got) == [4, 5]
+    for it in (4, 5):
+        assert got[it] == pytest.approx(ref[it], rel=1e-6, abs=0), (it, got, ref)

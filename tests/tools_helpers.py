@@ -20,7 +20,8 @@ def demo_data():
 
 
 def make_tiny_hf_llama(folder, *, heads=4, kv_heads=4, hidden=64, ffn=96, layers=2, vocab=300,
-                       seed=0, dtype=torch.float32, max_pos=256):
+                       seed=0, dtype=torch.float32, max_pos=256, rms_norm_eps=1e-5,
+                       rope_theta=10000.0):
     """Save a tiny random ``LlamaForCausalLM`` with ``save_pretrained``; returns the model.
 
     Weights are re-drawn with a larger std than HF's default 0.02 and norm weights are
@@ -31,7 +32,8 @@ def make_tiny_hf_llama(folder, *, heads=4, kv_heads=4, hidden=64, ffn=96, layers
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                          num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                         rms_norm_eps=rms_norm_eps, rope_theta=rope_theta,
+                         tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -55,7 +55,11 @@ TRAIN_FLAGS=(
   --save "$SAVE" --save-interval 500
   --log-interval 10 --eval-interval 500 --eval-iters 20 --tensorboard-dir "$TENSORBOARD"
   --deepspeed --deepspeed_config "$DS_CONFIG" --zero-stage 3
+  --attention-backend "${ATTENTION_BACKEND:-auto}"
 )
+# Sequence parallelism splits norms and residuals over the TP ranks (SAT scores the
+# gathered full sequence, so the kept units do not change).
+if [ "${TP:-1}" -gt 1 ]; then TRAIN_FLAGS+=(--sequence-parallel); fi
 
 SAT_FLAGS=(--sat --sat-metric maxip --sat-selection sampling --sat-temperature 0.5
   --sat-attn-omission-rate 0.5 --sat-mlp-omission-rate 0.5

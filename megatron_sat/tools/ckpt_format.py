@@ -3,22 +3,57 @@
 Why our own small format: the converter, the vocabulary-resize tool, the perplexity tool
 and the trainer must agree on it, and loading must be able to check that a checkpoint
 fits the model being built (shape and padded vocabulary, the top user complaint) before
-touching any tensor.  Layout::
+touching any tensor.  Two writers share one folder layout::
 
-    <dir>/latest                      text: the iteration folder's name, e.g. iter_0000000
-    <dir>/iter_0000000/meta.json      format, iteration, tp, shape, padded vocab, dtype, source
-    <dir>/iter_0000000/mp_rank_00/model.pt
-    <dir>/iter_0000000/mp_rank_01/model.pt ...
+    <dir>/latest                      text: the iteration folder's name, e.g. iter_0000100
+    <dir>/iter_0000100/meta.json      format, iteration, tp, shape, padded vocab, dtype, ...
+    <dir>/iter_0000100/...            the weights, ONE copy (below)
 
-Each ``model.pt`` is a dict: ``"model"`` (the megatron-core state dict of that TP rank,
-names such as ``decoder.layers.0.self_attention.linear_qkv.weight``), ``"shape"``
-(``LlamaShape.to_dict()``, with the true, unpadded ``vocab_size``),
-``"padded_vocab_size"``, ``"tp"``, ``"tp_rank"``, ``"iteration"``, ``"format_version"``,
-plus whatever extra keys the trainer adds (optimizer, RNG ...).  Files are loaded with
-``torch.load(weights_only=True)``, so extras must be tensors, containers and numbers.
+* Tools (``format: megatron-sat``): ``mp_rank_XX/model.pt`` per TP rank, a dict
+  ``"model"`` (the megatron-core state dict of that TP rank), ``"shape"``
+  (``LlamaShape.to_dict()``, with the true, unpadded ``vocab_size``),
+  ``"padded_vocab_size"``, ``"tp"``, ``"tp_rank"``, ``"iteration"``, ``"format_version"``.
+* Trainer (``format: megatron-sat-train``): DeepSpeed's own files, which exact resume
+  needs anyway, and nothing else holding weights.  ``meta.json["weights"]`` says where
+  the weights are:
 
-Writes are atomic: ranks write into a staging folder, which is renamed to its final
-name, and only then is ``latest`` replaced.
+  - ``"deepspeed"`` (ZeRO 0-2): ``mp_rank_XX_model_states.pt["module"]`` is TP rank
+    XX's full state dict; the tools read it directly, as DeepSpeed's ``zero_to_fp32``
+    does.  The optimizer states are in the same file (ZeRO 0) or in
+    ``zero_pp_rank_*_mp_rank_XX_optim_states.pt`` (ZeRO 1-2).
+  - ``"mp_rank"`` (ZeRO 3): DeepSpeed's model-state files hold no weights (only
+    partitions in the optimizer files), so the gathered weights are written once, as
+    ``mp_rank_XX/model.pt`` above.
+
+  Resume at another DP size or ZeRO stage (``megatron_sat.training.reshard``) reads the
+  same files, so no tensor is stored twice for it: at ZeRO 1-2 (and bf16) the full fp32
+  master weights and Adam moments are reassembled from the ``zero_pp_rank_*`` shards via
+  their ``param_slice_mappings``; at ZeRO-0 fp32 they are the model-state file's
+  ``module`` and ``optimizer``. Only ZeRO-3 checkpoints add ``optim/mp_rank_XX.pt``
+  (full fp32 weights + both moments per TP rank, ~12 bytes/param), because DeepSpeed's
+  ZeRO-3 partitions are padded per parameter and carry no slice map; this is the one
+  layout with a second copy of the optimizer state.
+
+  Bytes per parameter (fp32, ZeRO-0, the layout the one-copy test measures): 4 (weights,
+  ``module``) + 8 (the two moments, ``optimizer``) = 12, plus pickling overhead, RNG and
+  ``meta.json``. ZeRO 1-2 add DeepSpeed's fp32 master copy in the shards (16 in fp32,
+  2 + 12 = 14 in bf16).
+
+  ``rng/rank_XXXXX.pt`` holds every rank's RNG states as tensors and ints, and
+  ``meta.json`` the train state (iteration, consumed samples), the run's settings and
+  the settings changed at each resume.
+
+Safe loading: every file is read with ``torch.load(weights_only=True)``
+(:func:`megatron_sat.tools.file_checks.load_torch_file`).  The one place that needs a
+pickle of other objects is DeepSpeed's ZeRO optimizer file, which names plain-data
+DeepSpeed classes (the ZeRO stage enum, the loss scaler, ``fragment_address``, listed in
+``file_checks``); only those are allow-listed,
+everything else is refused, so a checkpoint received from someone else cannot run code.
+DeepSpeed's own loader (``weights_only=False``) only ever sees files that passed this check.
+
+Writes are atomic: everything is written into a hidden sibling folder, fsync'd, and
+renamed to its final ``iter_*`` name; only then is ``latest`` replaced.  A folder under
+its final name is therefore always complete.
 """
 
 from __future__ import annotations
@@ -28,17 +63,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_sat.model import LlamaShape
-from megatron_sat.tools.cli import ToolError, atomic_write_bytes
+from megatron_sat.tools.cli import ToolError, atomic_write_bytes, fsync_dir, fsync_tree
+from megatron_sat.tools.file_checks import load_torch_file, read_json
 
 FORMAT_NAME = "megatron-sat"
 FORMAT_VERSION = 1
-# Writers whose iteration folders hold the same mp_rank_XX/model.pt files: the tools
-# (FORMAT_NAME) and the trainer (megatron_sat.training.checkpointing).
+# The two writers whose folders every tool reads: the tools (FORMAT_NAME) and the trainer
+# (megatron_sat.training.checkpointing; weights in DeepSpeed's files, see the layout above).
 READABLE_FORMATS = (FORMAT_NAME, "megatron-sat-train")
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
@@ -112,7 +148,9 @@ def commit_checkpoint(save_dir: os.PathLike | str, stage: os.PathLike | str, ite
         if not overwrite:
             raise ToolError(f"checkpoint {final} already exists; pass --overwrite to replace it")
         shutil.rmtree(final)
+    fsync_tree(stage)
     os.replace(stage, final)
+    fsync_dir(save_dir)
     atomic_write_bytes(save_dir / LATEST_FILE, (final.name + "\n").encode())
     return final
 
@@ -168,21 +206,72 @@ class MegatronCheckpoint:
         return [self.model(r) for r in range(self.tp)]
 
 
-def find_iteration_dir(path: os.PathLike | str) -> Path:
-    """The iteration folder for a checkpoint folder (via ``latest``) or an iteration folder."""
+ITER_PREFIX = "iter_"
+CHECKPOINT_FIX = ("convert an HF model with tools/convert_checkpoint.py hf-to-megatron, or pass "
+                  "the folder given to --save")
+
+
+def complete_iterations(save_dir: os.PathLike | str) -> list:
+    """``[(iteration, folder)]`` of the iteration folders that hold a ``meta.json``, oldest first.
+
+    Folders under their final name are complete by construction (atomic rename); the
+    ``meta.json`` test also skips folders another program left half-copied.
+    """
+    out = []
+    root = Path(save_dir)
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        name = d.name
+        if name.startswith(ITER_PREFIX) and name[len(ITER_PREFIX):].isdigit() \
+                and (d / META_FILE).is_file():
+            out.append((int(name[len(ITER_PREFIX):]), d))
+    return sorted(out)
+
+
+def others_hint(save_dir: os.PathLike | str, exclude: Optional[Path] = None) -> str:
+    """'; other complete checkpoints: ... load one with --ckpt-step N' (or a no-others note)."""
+    others = [(i, d) for i, d in complete_iterations(save_dir)
+              if exclude is None or d.resolve() != Path(exclude).resolve()]
+    if not others:
+        return "; no other complete checkpoint is in the folder"
+    names = ", ".join(d.name for _, d in others[-5:])
+    return f"; other complete checkpoints: {names}; load one with --ckpt-step {others[-1][0]}"
+
+
+def find_iteration_dir(path: os.PathLike | str, step: Optional[int] = None) -> Path:
+    """The iteration folder for a checkpoint folder (via ``latest`` or ``step``) or itself."""
     path = Path(path)
+    if not path.exists():
+        raise ToolError(f"checkpoint folder '{path}' does not exist; {CHECKPOINT_FIX}")
+    if step is not None:
+        it_dir = path / iteration_dir_name(step)
+        if not (it_dir / META_FILE).is_file():
+            raise ToolError(f"--ckpt-step {step}: '{it_dir}' is not a complete checkpoint"
+                            f"{others_hint(path)}")
+        return it_dir
     if (path / META_FILE).is_file():
         return path
     latest = path / LATEST_FILE
     if latest.is_file():
-        it_dir = path / latest.read_text().strip()
+        try:
+            name = latest.read_bytes().decode("utf-8").strip().rstrip("/")
+        except UnicodeDecodeError:
+            name = ""
+        if not name.startswith(ITER_PREFIX) or "/" in name or not name[5:].isdigit():
+            raise ToolError(f"'{latest}' does not name an iteration folder ({name[:40]!r}); it "
+                            f"is corrupt{others_hint(path)}")
+        it_dir = path / name
         if (it_dir / META_FILE).is_file():
             return it_dir
-        raise ToolError(f"'{latest}' names '{it_dir.name}', which has no {META_FILE}; the "
-                        f"save was interrupted: point 'latest' at a complete iter_* folder")
+        raise ToolError(f"'{latest}' names '{name}', which is missing or incomplete (no "
+                        f"{META_FILE}){others_hint(path)}")
+    found = complete_iterations(path)
+    if found:
+        raise ToolError(f"'{path}' has checkpoints but no '{LATEST_FILE}' file"
+                        f"{others_hint(path)}")
     raise ToolError(f"no megatron-sat checkpoint at '{path}' (no '{LATEST_FILE}' or "
-                    f"'{META_FILE}'); convert an HF model with tools/convert_checkpoint.py "
-                    f"hf-to-megatron, or pass the folder given to --save")
+                    f"'{META_FILE}'); {CHECKPOINT_FIX}")
 
 
 def is_megatron_checkpoint(path: os.PathLike | str) -> bool:
@@ -190,23 +279,65 @@ def is_megatron_checkpoint(path: os.PathLike | str) -> bool:
     return (path / LATEST_FILE).is_file() or (path / META_FILE).is_file()
 
 
-def read_checkpoint_meta(path: os.PathLike | str) -> dict:
-    """``meta.json`` of the checkpoint (cheap: loads no tensors)."""
-    meta = json.loads((find_iteration_dir(path) / META_FILE).read_text())
+def validated_meta(it_dir: Path) -> dict:
+    meta = read_json(it_dir / META_FILE, "checkpoint metadata",
+                     f"the checkpoint is corrupt{others_hint(it_dir.parent, it_dir)}")
     if meta.get("format") not in READABLE_FORMATS:
-        raise ToolError(f"'{path}' is not a {FORMAT_NAME} checkpoint (format "
+        raise ToolError(f"'{it_dir}' is not a {FORMAT_NAME} checkpoint (format "
                         f"{meta.get('format')!r}); convert it with tools/convert_checkpoint.py")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ToolError(f"'{path}' has format version {meta['format_version']}, newer than this "
-                        f"code's {FORMAT_VERSION}; update megatron-sat")
+        raise ToolError(f"'{it_dir}' has format version {meta['format_version']}, newer than "
+                        f"this code's {FORMAT_VERSION}; update megatron-sat")
+    bad = [k for k in ("shape", "tp", "padded_vocab_size", "iteration") if k not in meta]
+    try:
+        if not bad:
+            LlamaShape.from_dict(meta["shape"])
+    except (TypeError, ValueError) as exc:
+        bad.append(f"shape ({exc})")
+    if bad:
+        raise ToolError(f"'{it_dir / META_FILE}' lacks or has a bad {', '.join(bad)}; the "
+                        f"checkpoint is corrupt{others_hint(it_dir.parent, it_dir)}")
     return meta
 
 
+def read_checkpoint_meta(path: os.PathLike | str, step: Optional[int] = None) -> dict:
+    """``meta.json`` of the checkpoint (cheap: loads no tensors), validated."""
+    return validated_meta(find_iteration_dir(path, step))
+
+
+def weight_file(it_dir: Path, meta: dict, tp_rank: int) -> Tuple[Path, bool]:
+    """(file holding TP rank ``tp_rank``'s weights, whether it is DeepSpeed's model states)."""
+    if meta.get("weights") == "deepspeed":
+        return it_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", True
+    return rank_file(it_dir, tp_rank), False
+
+
+def load_rank_payload(it_dir: Path, meta: dict, tp_rank: int,
+                      map_location: str | torch.device = "cpu") -> dict:
+    """One TP rank's ``{"model": state_dict, "shape": ...}``, whichever writer made it."""
+    f, is_ds = weight_file(it_dir, meta, tp_rank)
+    fix = f"the checkpoint is incomplete or corrupt{others_hint(it_dir.parent, it_dir)}"
+    if not f.is_file():
+        raise ToolError(f"checkpoint {it_dir} lacks {f.name if is_ds else f.relative_to(it_dir)}"
+                        f"; {fix}")
+    payload = load_torch_file(f, "checkpoint file", fix, deepspeed=is_ds)
+    if not isinstance(payload, dict) or not isinstance(payload.get("module" if is_ds else "model"),
+                                                       dict):
+        raise ToolError(f"checkpoint file '{f}' holds no model state dict; {fix}")
+    if is_ds:
+        payload = {"model": clean_state_dict(payload["module"]), "shape": meta["shape"]}
+    if map_location != "cpu":
+        payload["model"] = {k: v.to(map_location) if torch.is_tensor(v) else v
+                            for k, v in payload["model"].items()}
+    return payload
+
+
 def load_megatron_checkpoint(path: os.PathLike | str, tp_rank: Optional[int] = None,
-                             map_location: str | torch.device = "cpu") -> MegatronCheckpoint:
+                             map_location: str | torch.device = "cpu",
+                             step: Optional[int] = None) -> MegatronCheckpoint:
     """Load every TP rank (``tp_rank=None``) or just one, checking shape and vocab padding."""
-    it_dir = find_iteration_dir(path)
-    meta = read_checkpoint_meta(it_dir)
+    it_dir = find_iteration_dir(path, step)
+    meta = validated_meta(it_dir)
     shape = LlamaShape.from_dict(meta["shape"])
     tp, padded = int(meta["tp"]), int(meta["padded_vocab_size"])
     if padded != shape.padded_vocab_size(tp):
@@ -219,14 +350,11 @@ def load_megatron_checkpoint(path: os.PathLike | str, tp_rank: Optional[int] = N
                         f"tools/convert_checkpoint.py megatron-to-megatron --target-tp N")
     payloads = {}
     for r in ranks:
-        f = rank_file(it_dir, r)
-        if not f.is_file():
-            raise ToolError(f"checkpoint {it_dir} lacks {f.relative_to(it_dir)}; it is incomplete")
-        payload = torch.load(f, map_location=map_location, weights_only=True)
+        payload = load_rank_payload(it_dir, meta, r, map_location)
         emb = payload["model"].get(EMBEDDING_KEY)
         if payload.get("shape") != meta["shape"] or (emb is not None and emb.shape[0] * tp != padded):
-            raise ToolError(f"{f} disagrees with {META_FILE} on the model shape; the checkpoint "
-                            f"is corrupt")
+            raise ToolError(f"{weight_file(it_dir, meta, r)[0]} disagrees with {META_FILE} on "
+                            f"the model shape; the checkpoint is corrupt")
         payloads[r] = payload
     return MegatronCheckpoint(it_dir, meta, shape, tp, padded, int(meta["iteration"]), payloads)
 

@@ -38,6 +38,11 @@ def run_main(run: Callable[[argparse.Namespace], object], parser: argparse.Argum
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions, a file vanishing mid-run
+        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}; fix the file system problem and re-run "
+              f"(outputs were not finalised)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; outputs were not finalised", file=sys.stderr)
         return 130
@@ -85,11 +90,13 @@ def atomic_dir(final: os.PathLike | str, overwrite: bool = False) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        fsync_tree(tmp)  # the contents reach disk before the final name points at them
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
     finally:
@@ -107,9 +114,33 @@ def atomic_write_bytes(path: os.PathLike | str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())  # the bytes reach disk before the name points at them
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def fsync_dir(path: os.PathLike | str) -> None:
+    """fsync a directory, so renames and new entries in it survive a power loss."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: os.PathLike | str) -> None:
+    """fsync every file and folder under ``root`` (before it is renamed into place)."""
+    for dirpath, _, files in os.walk(str(root)):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
 
 
 class Progress:

@@ -6,16 +6,17 @@ steps after vocabulary extension do not spike the loss (a known pain, REFERENCE.
 Optional Gaussian noise (``--init-noise-std``) breaks the symmetry between new rows.
 Old rows are copied bit for bit.
 
-The padded size is recorded in the checkpoint: for megatron-sat it is
-``shape.padded_vocab_size(tp)`` with the new true ``vocab_size`` (padding rows are zero,
-as in conversion); for HF folders, whose ``config.json`` has a single ``vocab_size``,
-the rows are padded to a multiple of ``make_vocab_size_divisible_by`` (new rows, padding
-included, are mean-initialised) and ``vocab_size`` is that padded count.
+One vocabulary rule for every tool (the trainer, the converter, this resize, the
+perplexity tool): ``vocab_size`` is always the TRUE vocabulary, the tokenizer's piece
+count.  HF folders store exactly that many rows (HF has no padding concept, and a padded
+``vocab_size`` in ``config.json`` would disagree with the tokenizer).  Megatron-sat
+checkpoints store ``shape.padded_vocab_size(tp)`` rows, a multiple of
+``make_vocab_size_divisible_by × TP``, with zero padding rows, and record the true size
+in ``meta.json``; the converter pads and trims at the boundary.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -71,13 +72,13 @@ def resize_hf(src: str | Path, dst: str | Path, new_vocab_size: int, noise_std: 
     shape, config, sd = load_hf_checkpoint(src)
     old = shape.vocab_size
     _check_sizes(old, new_vocab_size, tokenizer_desc)
-    rows = int(math.ceil(new_vocab_size / make_vocab_size_divisible_by) * make_vocab_size_divisible_by)
+    rows = new_vocab_size  # the true vocabulary; padding is the megatron side's business
     gen = torch.Generator().manual_seed(seed)
     if "lm_head.weight" not in sd:  # tied checkpoints are written untied
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     for k in HF_VOCAB_KEYS:
         sd[k] = grow_rows(sd[k], old, rows, noise_std, gen)
-    config = {**config, "vocab_size": rows, "tie_word_embeddings": False}
+    config = {**config, "vocab_size": new_vocab_size, "tie_word_embeddings": False}
     with atomic_dir(dst, overwrite) as tmp:
         save_hf_checkpoint(tmp, sd, config)
         for extra in ("generation_config.json",):

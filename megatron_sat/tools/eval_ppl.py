@@ -144,10 +144,15 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # ids [b, s] -> logits [b, s,
 def _hf_model(path: str) -> Tuple[LogitsFn, int, Callable[[], None]]:
     from transformers import LlamaForCausalLM
 
-    from megatron_sat.tools.hf_llama import read_hf_config, shape_from_hf_config
+    from megatron_sat.tools.hf_llama import check_hf_weights, read_hf_config, shape_from_hf_config
 
     shape = shape_from_hf_config(read_hf_config(path))
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    check_hf_weights(path)
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    except Exception as exc:  # noqa: BLE001 - transformers' errors are multi-frame
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ToolError(f"transformers cannot load '{path}' ({first}); check the folder") from None
     return (lambda ids: model(ids).logits), shape.vocab_size, lambda: None
 
 

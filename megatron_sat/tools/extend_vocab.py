@@ -76,7 +76,7 @@ def _read_lines(paths: Sequence[str]) -> List[str]:
     for p in paths:
         if not Path(p).is_file():
             raise ToolError(f"corpus file '{p}' not found; pass existing text files to --corpus")
-        lines += [l.strip() for l in Path(p).read_text(encoding="utf-8", errors="replace")
+        lines += [l.strip() for l in Path(p).read_text(encoding="utf-8-sig", errors="replace")
                   .splitlines() if l.strip()]
     return lines
 
@@ -136,7 +136,7 @@ def _print_summary(r: ExtendVocabReport) -> None:
     if r.resize:
         z = r.resize
         print(f"  resized {z.kind} checkpoint -> {z.output}: vocabulary {z.old_vocab_size:,} -> "
-              f"{z.new_vocab_size:,}, stored rows {z.rows:,} (padded; new rows = mean of old)")
+              f"{z.new_vocab_size:,}, stored rows {z.rows:,} (new rows = mean of old)")
 
 
 EXAMPLES = """\
@@ -178,7 +178,8 @@ def build_parser():
                    help="std of Gaussian noise added to the mean-initialised rows")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                   help="pad rows to a multiple of this (× TP); default: the checkpoint's, or 128")
+                   help="megatron-sat checkpoints: pad rows to a multiple of this (× TP); "
+                        "default: the checkpoint's. HF folders always store the true size")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return p
 

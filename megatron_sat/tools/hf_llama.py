@@ -31,11 +31,16 @@ def is_hf_checkpoint(path: os.PathLike | str) -> bool:
 
 
 def read_hf_config(folder: os.PathLike | str) -> dict:
+    from megatron_sat.tools.file_checks import read_json
+
+    if not Path(folder).is_dir():
+        raise ToolError(f"HF model folder '{folder}' does not exist; pass a folder saved by "
+                        f"save_pretrained (config.json + *.safetensors)")
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ToolError(f"no {CONFIG_FILE} in '{folder}'; pass an HF model folder "
                         f"(config.json + *.safetensors), e.g. one saved by save_pretrained")
-    return json.loads(path.read_text())
+    return read_json(path, "HF config", "re-save the model with save_pretrained")
 
 
 def rope_theta(config: Mapping) -> float:
@@ -51,6 +56,12 @@ def shape_from_hf_config(config: Mapping, make_vocab_size_divisible_by: int = 12
         raise ToolError(f"checkpoint is a {config.get('model_type')!r} model "
                         f"({', '.join(archs) or 'no architectures'}), not Llama; only "
                         f"LlamaForCausalLM checkpoints (Llama-2 family) can be converted")
+    required = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "vocab_size")
+    bad = [k for k in required if not isinstance(config.get(k), int) or config[k] < 1]
+    if bad:
+        raise ToolError(f"config.json is not a complete Llama config (missing or bad "
+                        f"{', '.join(bad)}); re-save the model with save_pretrained")
     problems = []
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={config['hidden_act']!r} (needs 'silu')")
@@ -77,8 +88,9 @@ def shape_from_hf_config(config: Mapping, make_vocab_size_divisible_by: int = 12
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             rotary_base=rope_theta(config), norm_epsilon=float(config.get("rms_norm_eps", 1e-5)),
             make_vocab_size_divisible_by=make_vocab_size_divisible_by)
-    except (KeyError, ValueError) as exc:
-        raise ToolError(f"config.json is not a complete Llama config ({exc})") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ToolError(f"config.json is not a complete Llama config (missing or bad {exc}); "
+                        f"re-save the model with save_pretrained") from None
 
 
 def hf_config_from_shape(shape: LlamaShape, dtype: str, base: Optional[Mapping] = None) -> dict:
@@ -107,10 +119,20 @@ def hf_config_from_shape(shape: LlamaShape, dtype: str, base: Optional[Mapping] 
 
 
 def _weight_files(folder: Path) -> list:
+    from megatron_sat.tools.file_checks import read_json
+
     for index in (SAFE_INDEX, BIN_INDEX):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / f for f in sorted(set(weight_map.values()))]
+            fix = "re-save the model with save_pretrained"
+            weight_map = read_json(folder / index, "HF weight index", fix).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ToolError(f"HF weight index '{folder / index}' has no 'weight_map'; {fix}")
+            files = [folder / f for f in sorted(set(map(str, weight_map.values())))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ToolError(f"HF weight index '{folder / index}' names {len(missing)} missing "
+                                f"shard(s) (first: {missing[0]}); copy every shard into the folder")
+            return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return [folder / single]
@@ -118,16 +140,47 @@ def _weight_files(folder: Path) -> list:
                     f"pytorch_model.bin); save the model with save_pretrained")
 
 
+def check_hf_weights(folder: os.PathLike | str) -> None:
+    """Every weight file of an HF folder is present and complete (reads headers only)."""
+    from safetensors import safe_open
+
+    from megatron_sat.tools.file_checks import load_torch_file, require
+
+    fix = "the copy is truncated or corrupt; re-download or re-save it"
+    for f in _weight_files(Path(folder)):
+        require(f, "HF weight file", fix)
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    h.keys()
+            except Exception as exc:  # noqa: BLE001 - SafetensorError: one line
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+                raise ToolError(f"HF weight file '{f}' is unreadable ({first}); {fix}") from None
+        else:
+            load_torch_file(f, "HF weight file", fix)
+
+
 def load_hf_state_dict(folder: os.PathLike | str) -> Dict[str, torch.Tensor]:
     """All tensors of an HF folder, on CPU, in their stored dtype."""
     from safetensors.torch import load_file
 
+    from megatron_sat.tools.file_checks import load_torch_file, require
+
+    fix = "the copy is truncated or corrupt; re-download or re-save it"
     state: Dict[str, torch.Tensor] = {}
     for f in _weight_files(Path(folder)):
         if f.suffix == ".safetensors":
-            state.update(load_file(str(f)))
+            require(f, "HF weight file", fix)
+            try:
+                state.update(load_file(str(f)))
+            except Exception as exc:  # SafetensorError, OSError: one line, not a traceback
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+                raise ToolError(f"HF weight file '{f}' is unreadable ({first}); {fix}") from None
         else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            loaded = load_torch_file(f, "HF weight file", fix, mmap=False)
+            if not isinstance(loaded, dict):
+                raise ToolError(f"HF weight file '{f}' holds no state dict; {fix}")
+            state.update(loaded)
     return state
 
 

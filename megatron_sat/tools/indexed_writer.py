@@ -91,6 +91,9 @@ class IndexedDatasetWriter:
         self._bin.close()
         if exc_type is None:
             self._write_index()
+            for tmp in (self._tmp_bin, self._tmp_idx):  # on disk before they get final names
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
             os.replace(self._tmp_bin, self.bin_path)
             os.replace(self._tmp_idx, self.idx_path)
         for p in (self._tmp_bin, self._tmp_idx):

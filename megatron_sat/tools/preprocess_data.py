@@ -33,6 +33,7 @@ from megatron_sat.tools.text_tokenizer import TEXT_TOKENIZER_TYPES, TextTokenize
 
 INPUT_FORMATS = ("jsonl", "text")
 SPLIT_MODES = ("line", "paragraph")
+BOM = b"\xef\xbb\xbf"
 SKIP_REASONS = ("invalid_utf8", "bad_json", "missing_key", "empty", "too_short", "duplicate")
 
 
@@ -155,7 +156,9 @@ def iter_records(paths: Sequence[str], input_format: str, split_mode: str) -> It
     for path in paths:
         with open(path, "rb") as f:
             block: List[bytes] = []
-            for line in f:
+            for i, line in enumerate(f):
+                if i == 0 and line.startswith(BOM):  # files saved on Windows: utf-8-sig
+                    line = line[len(BOM):]
                 line = line.rstrip(b"\r\n")
                 if not paragraph:
                     yield line
@@ -230,7 +233,28 @@ def preprocess(config: PreprocessConfig) -> PreprocessReport:
                 report.text_tokens += len(ids) - len(encoder.prefix) - len(encoder.suffix)
                 report.characters += chars
             bar.update()
+        empty = [r for r in reports if r.documents == 0]
+        if empty:  # raised inside the writers' context: no output files are left behind
+            raise ToolError(_no_documents_message(config, empty[0], n))
     return PreprocessReport(n, time.monotonic() - start, reports)
+
+
+def _no_documents_message(config: PreprocessConfig, report: DatasetReport, records: int) -> str:
+    """Zero documents is an error that names the likely cause (a training run would fail)."""
+    skipped = report.skipped
+    if records == 0:
+        cause = "the input is empty; pass a file with text"
+    elif config.input_format == "jsonl" and skipped["bad_json"] >= max(records // 2, 1):
+        cause = ("most records are not JSON; for plain text (one document per line) pass "
+                 "--input-format text")
+    elif skipped["missing_key"]:
+        cause = (f"no record has the key '{report.key}'; check --json-keys against the "
+                 f"input's field names")
+    else:
+        reasons = ", ".join(f"{r} {skipped[r]}" for r in SKIP_REASONS if skipped[r])
+        cause = f"every record was skipped ({reasons}); relax --min-chars/--dedup or check the input"
+    return (f"no documents written for '{report.key}' from {records} record(s) of "
+            f"{', '.join(config.inputs)}: {cause}")
 
 
 def _print_summary(config: PreprocessConfig, rep: PreprocessReport) -> None:

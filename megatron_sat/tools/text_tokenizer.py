@@ -55,11 +55,16 @@ class SentencePieceTextTokenizer(TextTokenizer):
     def __init__(self, model_file: Path):
         import sentencepiece as spm
 
+        from megatron_sat.tools.file_checks import require
+
         self.model_file = Path(model_file)
+        require(self.model_file, "tokenizer model", "pass the tokenizer.model file with "
+                "--tokenizer-model")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.model_file))
         except Exception as exc:
-            raise ToolError(f"'{model_file}' is not a SentencePiece model ({exc}); pass the "
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+            raise ToolError(f"'{model_file}' is not a SentencePiece model ({first}); pass the "
                             f"tokenizer.model file with --tokenizer-model") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None

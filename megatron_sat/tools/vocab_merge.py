@@ -38,10 +38,13 @@ def _pb():
 
 
 def read_model_proto(path: os.PathLike | str):
+    from megatron_sat.tools.file_checks import require
+
     p = Path(path)
     if not p.is_file():
         raise ToolError(f"tokenizer model '{p}' not found; pass an existing SentencePiece "
                         f"tokenizer.model")
+    require(p, "tokenizer model", "pass a SentencePiece tokenizer.model")
     proto = _pb().ModelProto()
     try:
         proto.ParseFromString(p.read_bytes())
@@ -164,6 +167,44 @@ def write_tokenizer_folder(folder: os.PathLike | str, proto, model_max_length: i
               "model_max_length": model_max_length, "sp_model_kwargs": {}}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    write_hf_tokenizer_json(folder, proto)
+
+
+def score_ranked_merges(proto) -> List[List[str]]:
+    """BPE merges ranked as sentencepiece applies them: by the merged piece's score.
+
+    Why: sentencepiece's BPE repeatedly joins the adjacent pair whose result has the
+    highest score; HF's BPE joins the pair with the lowest merge rank.  transformers'
+    own conversion ranks by piece id, which differs where scores do not follow ids
+    (Llama's whitespace-run pieces have low ids but scores of -1e9), e.g. two spaces
+    before Chinese text.  Ties (one piece, several splits) go by the left part's id.
+    """
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    ranked = []
+    for i, p in enumerate(proto.pieces):
+        if p.type != NORMAL or len(p.piece) < 2:
+            continue
+        for cut in range(1, len(p.piece)):
+            left, right = p.piece[:cut], p.piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-p.score, i, vocab[left], left, right))
+    ranked.sort()
+    return [[left, right] for *_, left, right in ranked]
+
+
+def write_hf_tokenizer_json(folder: Path, proto) -> None:
+    """``tokenizer.json`` whose merges follow sentencepiece's scores (HF ids == spm ids)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # transformers is optional for the tools; spm files still work
+        return
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    data = json.loads(tok.backend_tokenizer.to_str())
+    if data.get("model", {}).get("type") != "BPE":
+        return
+    data["model"]["merges"] = score_ranked_merges(proto)
+    (folder / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
 
 
 def tokens_per_char(model_proto_or_path, lines: Sequence[str]) -> float:

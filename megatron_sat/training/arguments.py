@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 from megatron_sat.config import LADDER_SPACINGS, METRICS, SATConfig, SCHEDULES, SELECTIONS
 from megatron_sat.model import PRESETS, LlamaShape
 from megatron_sat.tools.text_tokenizer import TOKENIZER_TYPES, tokenizer_kind
-from megatron_sat.training.checkpoint_args import shape_from_checkpoint
 from megatron_sat.training.configs import (BatchConfig, CheckpointConfig, ConfigError,
                                            DataConfig, EngineConfig, LoggingConfig,
-                                           OptimizerConfig, ParallelConfig, TrainConfig)
+                                           OptimizerConfig, ParallelConfig,
+                                           PerformanceConfig, TrainConfig)
 from megatron_sat.training.help_text import DESCRIPTION, EPILOG, HelpFormatter
 from megatron_sat.training.megatron_compat import add_compat_flags, apply_compat
 
@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true",
                    help="load weights, iteration and data position, not the optimizer state")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
+    g.add_argument("--ckpt-step", type=int,
+                   help="load iter_N of --load instead of the one \x27latest\x27 names")
+    g.add_argument("--overwrite-save", action="store_true",
+                   help="let a new run replace the run already held in --save")
+    g.add_argument("--keep-last-n-checkpoints", type=int, default=0,
+                   help="remove older checkpoints once a new one is complete (default: keep all)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -156,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: <tensorboard-dir or save>/metrics.jsonl)")
     g.add_argument("--peak-tflops", type=float, help="device peak for MFU when not recognised")
 
+    add_sat_arguments(p)
+    _add_performance_args(p)
+    add_compat_flags(p)  # after the performance flags, which it defers to; sets p.compat_only
+    return p
+
+
+def add_sat_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--sat*`` flags, shared by ``pretrain_llama.py`` and ``sft_llama.py``."""
     g = p.add_argument_group("SAT (see SAT_SPEC.md)")
     d = SATConfig()
     g.add_argument("--sat", action="store_true", help="enable Sparsity-Accelerated Training")
@@ -177,8 +191,60 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sat-seed", type=int, help="default: --seed")
     g.add_argument("--sat-dp-consistent", action=argparse.BooleanOptionalAction,
                    default=d.dp_consistent)
-    add_compat_flags(p)  # sets p.compat_only
-    return p
+
+
+def sat_config_from_args(a, total_iters: int, seed: int) -> Optional[SATConfig]:
+    """``SATConfig`` from parsed ``--sat*`` flags (``None`` without ``--sat``)."""
+    sat_flags_given = [f for f in ("sat_metric", "sat_selection", "sat_schedule")
+                       if getattr(a, f) != getattr(SATConfig(), f[4:])]
+    if sat_flags_given and not a.sat:
+        raise ConfigError(f"--{sat_flags_given[0].replace('_', '-')} given without --sat; "
+                          f"add --sat to enable SAT")
+    if not a.sat:
+        return None
+    try:
+        return SATConfig(enabled=True, metric=a.sat_metric, selection=a.sat_selection,
+                         temperature=a.sat_temperature,
+                         attn_omission_rate=a.sat_attn_omission_rate,
+                         mlp_omission_rate=a.sat_mlp_omission_rate, schedule=a.sat_schedule,
+                         decay_start=a.sat_decay_start, total_iters=total_iters,
+                         ladder_rungs=a.sat_ladder_rungs, ladder_spacing=a.sat_ladder_spacing,
+                         seed=seed if a.sat_seed is None else a.sat_seed,
+                         dp_consistent=a.sat_dp_consistent)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _add_performance_args(p: argparse.ArgumentParser) -> None:
+    """Megatron-LM's names for the attention kernel, recomputation, SP and timers."""
+    g = p.add_argument_group("performance (attention kernel, recomputation, timers)")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto (flash when installed and applicable, else sdpa), flash "
+                        "(flash-attn; CUDA, bf16), sdpa (PyTorch) or unfused (megatron-core's "
+                        "DotProductAttention); dense and SAT steps use the same one")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="Megatron-DeepSpeed's alias for --attention-backend flash")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--recompute-method", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the sequence over the TP ranks outside the TP regions (TP >= 2)")
+    g.add_argument("--timing-log-level", type=int, default=0,
+                   help="1 (or 2): split each iteration into data, forward, SAT selection, "
+                        "backward and optimizer time, and report evaluation and checkpoint "
+                        "time; synchronises the device at each boundary")
+
+
+def _performance_from_args(a, tp: int, num_layers: int) -> PerformanceConfig:
+    backend = a.attention_backend
+    if a.use_flash_attn:
+        if backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn contradicts --attention-backend {backend}; "
+                              f"give one of them")
+        backend = "flash"
+    return PerformanceConfig(backend, a.recompute_granularity, a.recompute_method,
+                             a.recompute_num_layers, a.sequence_parallel, a.timing_log_level,
+                             tp, num_layers)
 
 
 def _architecture_problems(a) -> list[str]:
@@ -215,29 +281,66 @@ def _tokenizer_facts(kind: str, path: Optional[str]) -> tuple[Optional[int], Opt
         return len(tok), tok.eos_token_id
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
         path = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise ConfigError(f"--tokenizer-model {path} does not exist; give a SentencePiece "
-                          f"tokenizer.model (tools/fetch_demo_data.py fetches one)")
-    import sentencepiece as spm
+    from megatron_sat.tools.cli import ToolError
+    from megatron_sat.tools.file_checks import check_sentencepiece
 
-    sp = spm.SentencePieceProcessor(model_file=path)
-    return sp.get_piece_size(), sp.eos_id()
+    try:
+        pieces, _, eos = check_sentencepiece(path, "--tokenizer-model")
+    except ToolError as e:
+        raise ConfigError(str(e)) from None
+    return pieces, eos
 
 
-def _shape_from_args(a, tokenizer_vocab: Optional[int], notes: list) -> LlamaShape:
-    shape_flags = [n for n in SHAPE_FLAGS + ("num_query_groups", "num_key_value_heads")
+def _checkpoint_shape(a) -> Optional[dict]:
+    """The ``--load`` checkpoint's architecture (from its meta.json), or None.
+
+    The one place the shape is read from a checkpoint: the same folder resolution
+    (``latest``, ``--ckpt-step``, the ``--load == --save`` restart idiom) as the load itself.
+    """
+    from megatron_sat.training.resume import checkpoint_meta, resolve_load
+
+    it_dir = resolve_load(a.load, a.save, a.ckpt_step, a.finetune)
+    if it_dir is None:
+        if a.use_checkpoint_args:
+            raise ConfigError(f"--use-checkpoint-args: no megatron-sat checkpoint in --load "
+                              f"{a.load}; convert HF weights there first or give the shape flags")
+        return None
+    return dict(checkpoint_meta(it_dir)["shape"])
+
+
+CORE_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+              "num_query_groups")
+
+
+def _shape_from_args(a, tokenizer_vocab: Optional[int], ckpt_shape: Optional[dict] = None,
+                     notes: Optional[list] = None) -> LlamaShape:
+    """The model shape: flags over ``--model`` over the ``--load`` checkpoint's shape, except
+    with ``--use-checkpoint-args``, where the checkpoint wins over every flag (Megatron)."""
+    notes = [] if notes is None else notes
+    shape_flags = [n for n in SHAPE_FLAGS + ("num_query_groups", "num_key_value_heads",
+                                             "rotary_base", "norm_epsilon")
                    if getattr(a, n) is not None]
-    if a.use_checkpoint_args or (not a.model and not shape_flags and a.load):
-        ckpt_shape = shape_from_checkpoint(a.load, required=a.use_checkpoint_args)
-        if ckpt_shape is not None:
-            notes.append(f"model shape from the checkpoint in --load {a.load}"
-                         + (f" (over the flags {', '.join(shape_flags)})"
-                            if shape_flags else ""))
-            try:
-                return LlamaShape.from_dict(ckpt_shape)
-            except ValueError as e:
-                raise ConfigError(f"--load {a.load}: bad shape in meta.json ({e})") from None
+    if ckpt_shape and a.use_checkpoint_args:
+        notes.append(f"model shape from the checkpoint in --load {a.load}"
+                     + (f" (over the flags {', '.join(shape_flags)})" if shape_flags else ""))
+        try:
+            return LlamaShape.from_dict(ckpt_shape)
+        except ValueError as e:
+            raise ConfigError(f"--load {a.load}: bad shape in meta.json ({e})") from None
+    if ckpt_shape and not a.model and not shape_flags:
+        notes.append(f"model shape from the checkpoint in --load {a.load}")
     base = PRESETS[a.model].to_dict() if a.model else {}
+    # A checkpoint's architecture is the default: every field not set by a flag (and the
+    # core shape unless --model names one, which must then match) comes from it.
+    for k, v in (ckpt_shape or {}).items():
+        if k not in CORE_SHAPE or k not in base:
+            base[k] = v
+    if ckpt_shape and tokenizer_vocab is not None and a.vocab_size is None \
+            and tokenizer_vocab != ckpt_shape["vocab_size"]:
+        raise ConfigError(f"--tokenizer-model has {tokenizer_vocab} pieces but the --load "
+                          f"checkpoint's vocabulary has {ckpt_shape['vocab_size']}; give the "
+                          f"tokenizer the checkpoint was made for (or resize the checkpoint "
+                          f"with tools/extend_vocab.py)")
     groups = {v for v in (a.num_query_groups, a.num_key_value_heads) if v is not None}
     if len(groups) > 1:
         raise ConfigError(f"--num-query-groups {a.num_query_groups} and --num-key-value-heads "
@@ -245,7 +348,7 @@ def _shape_from_args(a, tokenizer_vocab: Optional[int], notes: list) -> LlamaSha
     for name in SHAPE_FLAGS:
         if getattr(a, name) is not None:
             base[name] = getattr(a, name)
-    if a.vocab_size is None and tokenizer_vocab is not None:
+    if a.vocab_size is None and tokenizer_vocab is not None and not ckpt_shape:
         base["vocab_size"] = tokenizer_vocab
     if groups:
         base["num_query_groups"] = groups.pop()
@@ -303,29 +406,16 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
 
         world_size = discover_world().world_size
     tok_vocab, eos = _tokenizer_facts(tokenizer_kind(a.tokenizer_type), a.tokenizer_model)
-    shape = _shape_from_args(a, tok_vocab, notes)
+    shape = _shape_from_args(a, tok_vocab, _checkpoint_shape(a), notes)
     parallel = ParallelConfig(a.tensor_model_parallel_size, world_size)
+    perf = _performance_from_args(a, a.tensor_model_parallel_size, shape.num_layers)
+    import torch
+
+    perf.resolved_backend("cuda" if torch.cuda.is_available() else "cpu", a.bf16)
     dp = parallel.data_parallel_size
     batch = BatchConfig(a.micro_batch_size, a.global_batch_size or a.micro_batch_size * dp,
                         a.seq_length, dp)
-    sat_flags_given = [f for f in ("sat_metric", "sat_selection", "sat_schedule")
-                       if getattr(a, f) != getattr(SATConfig(), f[4:])]
-    if sat_flags_given and not a.sat:
-        raise ConfigError(f"--{sat_flags_given[0].replace('_', '-')} given without --sat; "
-                          f"add --sat to enable SAT")
-    sat = None
-    if a.sat:
-        try:
-            sat = SATConfig(enabled=True, metric=a.sat_metric, selection=a.sat_selection,
-                            temperature=a.sat_temperature,
-                            attn_omission_rate=a.sat_attn_omission_rate,
-                            mlp_omission_rate=a.sat_mlp_omission_rate, schedule=a.sat_schedule,
-                            decay_start=a.sat_decay_start, total_iters=a.train_iters,
-                            ladder_rungs=a.sat_ladder_rungs, ladder_spacing=a.sat_ladder_spacing,
-                            seed=a.seed if a.sat_seed is None else a.sat_seed,
-                            dp_consistent=a.sat_dp_consistent)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    sat = sat_config_from_args(a, a.train_iters, a.seed)
     metrics = a.metrics_file
     if metrics is None and (a.tensorboard_dir or a.save):
         metrics = os.path.join(a.tensorboard_dir or a.save, "metrics.jsonl")
@@ -340,7 +430,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
                         a.tokenizer_model, 2 if eos is None or eos < 0 else eos,
                         eod_mask_loss=a.eod_mask_loss, mock=a.mock_data),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.finetune,
-                                    a.no_load_optim, a.no_load_rng),
+                                    a.no_load_optim, a.no_load_rng, a.ckpt_step,
+                                    a.overwrite_save, a.keep_last_n_checkpoints),
         logging=LoggingConfig(a.log_interval, a.eval_interval, a.eval_iters,
                               a.tensorboard_dir, metrics, a.peak_tflops,
                               wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name,
@@ -348,7 +439,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         engine=EngineConfig(a.zero_stage, a.deepspeed_config, a.bf16),
         sat=sat, train_iters=a.train_iters, seed=a.seed, init_method_std=a.init_method_std,
         max_skipped_iters=a.max_skipped_iters, inject_nan_iters=nan_iters,
-        exit_interval=a.exit_interval, notes=tuple(notes),
+        exit_interval=a.exit_interval, notes=tuple(notes), perf=perf,
     )
 
 

@@ -162,11 +162,18 @@ class CheckpointConfig:
     finetune: bool = False  # load weights only; start at iteration 0
     no_load_optim: bool = False  # weights + iteration + data position, fresh optimizer
     no_load_rng: bool = False
+    ckpt_step: Optional[int] = None  # load this iteration instead of 'latest'
+    overwrite_save: bool = False  # a new run may replace the run held in --save
+    keep_last_n_checkpoints: int = 0  # 0: keep all
 
     def __post_init__(self):
         p = []
         if self.save_interval < 0:
             p.append("--save-interval must be >= 0")
+        if self.keep_last_n_checkpoints < 0:
+            p.append("--keep-last-n-checkpoints must be >= 1 (or 0 to keep all)")
+        if self.ckpt_step is not None and (self.ckpt_step < 0 or not self.load):
+            p.append("--ckpt-step needs --load DIR and an iteration >= 0")
         if self.save_interval and not self.save:
             p.append("--save-interval needs --save DIR")
         if (self.finetune or self.no_load_optim) and not self.load:
@@ -217,6 +224,80 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class PerformanceConfig:
+    """How the step runs on the hardware: attention kernel, recomputation, sequence
+    parallelism and the time split (Megatron-LM's flag names).
+
+    ``attention_backend`` is what the user asked for (``auto`` included);
+    :meth:`resolved_backend` is what the run uses.  None of these change the maths
+    beyond float summation order, so checkpoints move freely between settings.
+    """
+
+    attention_backend: str = "auto"
+    recompute_granularity: Optional[str] = None  # full | selective
+    recompute_method: Optional[str] = None  # uniform | block (full only)
+    recompute_num_layers: Optional[int] = None
+    sequence_parallel: bool = False
+    timing_log_level: int = 0
+    tensor_model_parallel_size: int = 1
+    num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        from megatron_sat.attention_backend import ATTENTION_BACKENDS
+
+        p = []
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            p.append(f"--attention-backend {self.attention_backend!r} is not one of "
+                     f"{', '.join(ATTENTION_BACKENDS)}")
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in (None, "full", "selective"):
+            p.append(f"--recompute-granularity {g!r} must be full or selective")
+        if m not in (None, "uniform", "block"):
+            p.append(f"--recompute-method {m!r} must be uniform or block")
+        if g is None and (m is not None or n is not None):
+            given = "--recompute-method" if m is not None else "--recompute-num-layers"
+            p.append(f"{given} given without --recompute-granularity; add "
+                     f"--recompute-granularity full")
+        if g == "full" and m is None:
+            p.append("--recompute-granularity full needs --recompute-method uniform or block "
+                     "(and --recompute-num-layers)")
+        if g == "selective" and (m is not None or n is not None):
+            p.append("--recompute-granularity selective recomputes core attention only; drop "
+                     "--recompute-method/--recompute-num-layers")
+        if g == "full" and m is not None:
+            top = self.num_layers or n or 1
+            if n is None or not 1 <= n <= top:
+                p.append(f"--recompute-num-layers must be between 1 and --num-layers {top} "
+                         f"with --recompute-granularity full")
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            p.append("--sequence-parallel needs --tensor-model-parallel-size >= 2 (it splits "
+                     "the sequence over the TP ranks); drop it or raise the TP size")
+        if self.timing_log_level not in (0, 1, 2):
+            p.append(f"--timing-log-level {self.timing_log_level} must be 0, 1 or 2")
+        _raise(p)
+
+    def resolved_backend(self, device_type: str, bf16: bool) -> str:
+        """The attention backend this run uses (``auto`` resolved); one-line error if
+        ``flash`` cannot run here."""
+        import torch
+
+        from megatron_sat.attention_backend import resolve_attention_backend
+
+        try:
+            return resolve_attention_backend(self.attention_backend, device_type,
+                                             torch.bfloat16 if bf16 else torch.float32)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def model_settings(self) -> dict:
+        """Keyword arguments of :func:`megatron_sat.model.build_gpt_model`."""
+        return {"sequence_parallel": self.sequence_parallel,
+                "recompute_granularity": self.recompute_granularity,
+                "recompute_method": self.recompute_method,
+                "recompute_num_layers": self.recompute_num_layers}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs."""
 
@@ -236,6 +317,7 @@ class TrainConfig:
     exit_interval: int = 0  # stop (with a checkpoint) once the iteration is a multiple
     inject_nan_iters: tuple = field(default_factory=tuple)  # fault injection for tests
     notes: tuple = ()  # what compatibility flags mean here, printed at start-up
+    perf: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def __post_init__(self):
         p = []

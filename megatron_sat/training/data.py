@@ -39,14 +39,22 @@ class TokenizerInfo:
         raise AttributeError("no pad token")
 
 
-def check_prefixes(cfg: DataConfig) -> None:
-    """One-line error for a ``--data-path`` prefix whose ``.bin`` or ``.idx`` is missing."""
-    for _, prefix in cfg.blend:  # empty with --mock-data
-        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-        if missing:
-            raise ConfigError(
-                f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found; "
-                f"give the prefix (without .bin/.idx) of data made by tools/preprocess_data.py")
+def check_prefixes(cfg: DataConfig, seq_length: Optional[int] = None) -> None:
+    """One-line error for a ``--data-path`` prefix whose ``.bin/.idx`` pair is missing,
+    damaged (magic, version, dtype, sizes against the ``.bin`` length), empty, or too
+    small to fill one sequence of ``seq_length`` tokens."""
+    from megatron_sat.tools.cli import ToolError
+    from megatron_sat.tools.file_checks import check_indexed_dataset
+
+    for _, prefix in cfg.blend:
+        try:
+            _, tokens = check_indexed_dataset(prefix, "--data-path")
+        except ToolError as e:
+            raise ConfigError(str(e)) from None
+        if seq_length is not None and tokens < seq_length + 1:
+            raise ConfigError(f"--data-path {prefix} holds {tokens} tokens, fewer than one "
+                              f"sample of --seq-length {seq_length} (+1); use more data or a "
+                              f"shorter --seq-length")
 
 
 def check_splits(cfg: DataConfig) -> None:
@@ -85,7 +93,7 @@ def build_datasets(cfg: DataConfig, batch: BatchConfig, vocab_size: int, train_i
         BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    check_prefixes(cfg)
+    check_prefixes(cfg, batch.seq_length)
     check_splits(cfg)
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     prefixes = [p for _, p in cfg.blend]

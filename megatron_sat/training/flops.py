@@ -17,8 +17,13 @@ Conventions (stated once, used everywhere):
   ``2·s·h_q`` attention term.
 * The LM head adds ``2·h·V_padded`` per token (the padded vocabulary is computed too).
   The embedding lookup is a gather and counts 0.
-* Backward is twice the forward, so one training token costs ``3×`` forward. No
-  activation recomputation is done by this trainer, so none is counted.
+* Backward is twice the forward, so one training token costs ``3×`` forward. These are
+  *model* FLOPs (MFU). Activation recomputation runs parts of the forward again:
+  :func:`recompute_flops_per_token` counts that extra work, and model + recompute FLOPs
+  are the *hardware* FLOPs (HFU), as Megatron-LM distinguishes them. ``full`` with
+  ``uniform`` recomputes every layer's forward, ``block`` the first
+  ``recompute_num_layers`` layers; ``selective`` recomputes the attention core
+  (``QKᵀ``, softmax, ``AV``) of every layer. The LM head is never recomputed.
 * SAT scales Q, the output projection and the attention core by ``f_q`` (kept fraction
   of query heads), K and V by ``f_kv`` (kept fraction of K/V heads: equal to ``f_q`` for
   MHA, 1 for GQA where every group keeps its K/V), and the MLP by ``f_m``.
@@ -27,6 +32,7 @@ Conventions (stated once, used everywhere):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_sat.model import LlamaShape
 
@@ -90,3 +96,26 @@ def peak_tflops_for_device(device_name: str | None) -> float | None:
         if key in upper:
             return value
     return None
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """Megatron's activation-recomputation settings (``None`` granularity: none)."""
+
+    granularity: Optional[str] = None  # full | selective
+    method: Optional[str] = None  # uniform | block
+    num_layers: Optional[int] = None
+
+
+def recompute_flops_per_token(shape: LlamaShape, seq_length: int, kept: KeptFractions = DENSE,
+                              recompute: Recompute = Recompute(),
+                              causal_factor: float = 0.5) -> float:
+    """Forward FLOPs per token executed again by recomputation (HFU minus MFU work)."""
+    if recompute.granularity == "selective":
+        h_q = shape.num_attention_heads * shape.head_dim
+        return shape.num_layers * 4.0 * seq_length * h_q * kept.attn_q * causal_factor
+    if recompute.granularity == "full":
+        layers = shape.num_layers if recompute.method == "uniform" \
+            else min(recompute.num_layers or 0, shape.num_layers)
+        return layers * layer_forward_flops_per_token(shape, seq_length, kept, causal_factor)
+    return 0.0

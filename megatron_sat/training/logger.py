@@ -24,10 +24,13 @@ import datetime
 import json
 import math
 import os
+
+import torch
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_sat.training.flops import DENSE, KeptFractions, train_flops_per_token
+from megatron_sat.training.flops import (DENSE, KeptFractions, Recompute,
+                                         recompute_flops_per_token, train_flops_per_token)
 
 
 @dataclass
@@ -43,8 +46,13 @@ class _Window:
     rates: tuple = (0.0, 0.0)
     skipped: int = 0  # iterations whose optimizer step was skipped
     nan: int = 0  # iterations with a NaN/inf loss (here: the same ones, they are skipped)
+    hw_flops: float = 0.0  # model FLOPs plus recomputed forward FLOPs (HFU)
+    split: dict = field(default_factory=dict)  # --timing-log-level: seconds per phase
 
-    def add(self, iteration, seconds, tokens, flops, rates):
+    def add(self, iteration, seconds, tokens, flops, rates, hw_flops=None, split=None):
+        self.hw_flops += flops if hw_flops is None else hw_flops
+        for k, v in (split or {}).items():
+            self.split[k] = self.split.get(k, 0.0) + v
         self.iters += 1
         self.seconds += seconds
         self.tokens += tokens
@@ -67,6 +75,8 @@ class IterationRecord:
     grad_norm: Optional[float]
     skipped: bool
     timed: bool = True  # False for the first step of a process (warm-up)
+    split: Optional[dict] = None  # --timing-log-level: seconds per phase of this step
+    cpu_seconds: Optional[float] = None  # host process CPU time of this step
 
 
 @dataclass
@@ -88,6 +98,8 @@ class ThroughputLogger:
     skipped_total: int = 0
     last_record: Optional[IterationRecord] = None
     last_line: Optional[dict] = None
+    recompute: Recompute = field(default_factory=Recompute)
+    excluded_total: dict = field(default_factory=dict)  # eval / checkpoint seconds
 
     def __post_init__(self):
         self._tb = self._jsonl = self._wandb = None
@@ -118,15 +130,21 @@ class ThroughputLogger:
     def record(self, rec: IterationRecord) -> None:
         tokens = self.global_batch_size * self.seq_length
         flops = tokens * train_flops_per_token(self.shape, self.seq_length, rec.kept, self.tp)
+        hw = flops + tokens * recompute_flops_per_token(self.shape, self.seq_length, rec.kept,
+                                                        self.recompute)
         self.skipped_total += int(rec.skipped)
         self.last_record = rec
         self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates)
         self.window.skipped += int(rec.skipped)
         self.window.nan += int(rec.skipped)
+        split = dict(rec.split or {})
+        if rec.split is not None and rec.cpu_seconds is not None:
+            split["cpu"] = rec.cpu_seconds  # logged as time_cpu_ms: robust to other jobs
+        self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, split)
         if rec.timed:
-            self.total.add(rec.iteration, rec.seconds, tokens, flops, rec.rates)
+            self.total.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, rec.split)
             self.phases.setdefault(rec.phase, _Window()).add(rec.iteration, rec.seconds,
-                                                             tokens, flops, rec.rates)
+                                                             tokens, flops, rec.rates, hw)
 
     # -- output ---------------------------------------------------------------------------
     def _rates(self, w: _Window) -> dict:
@@ -142,12 +160,22 @@ class ThroughputLogger:
             "tflops_per_gpu": tflops,
             "dense_equiv_tokens_per_sec": w.flops / s / self.dense_flops_per_token,
         }
+        hw_tflops = w.hw_flops / s / self.world_size / 1e12
+        out["hw_tflops_per_gpu"] = hw_tflops  # model + recomputed FLOPs (HFU numerator)
         if self.peak_tflops:
             out["mfu"] = tflops / self.peak_tflops
+            out["hfu"] = hw_tflops / self.peak_tflops
+        for k, v in w.split.items():  # --timing-log-level: mean ms per iteration
+            out[f"time_{k}_ms"] = 1000.0 * v / max(w.iters, 1)
         return out
 
-    def log(self, iteration: int, lm_loss: float, consumed_samples: int) -> dict:
-        """Close the current window; print and store one line. Returns its values."""
+    def log(self, iteration: int, lm_loss: float, consumed_samples: int,
+            excluded: Optional[dict] = None) -> dict:
+        """Close the current window; print and store one line. Returns its values.
+
+        ``excluded``: seconds of evaluation / checkpointing since the last line (not part
+        of the iteration times or tokens/s), logged as ``time_<kind>_ms`` totals.
+        """
         rec = self.last_record
         w, self.window = self.window, _Window()
         values = {"iteration": iteration, "train_iters": self.train_iters,
@@ -160,9 +188,15 @@ class ThroughputLogger:
                   "attn_omission_rate": rec.rates[0], "mlp_omission_rate": rec.rates[1],
                   "kept_attn_q": rec.kept.attn_q, "kept_attn_kv": rec.kept.attn_kv,
                   "kept_mlp": rec.kept.mlp, **self._rates(w)}
+        if excluded is not None:
+            self.add_excluded(excluded)
+            values.update({f"time_{k}_ms": 1000.0 * v for k, v in excluded.items()})
+        if torch.cuda.is_available():
+            values["mem_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self.last_line = values
         if self.is_writer:
-            print(self.format_line(values), flush=True)
+            print(self.format_line(values) + _hfu_text(values) + _timing_text(values),
+                  flush=True)
             self._write("train", values)
         return values
 
@@ -193,6 +227,16 @@ class ThroughputLogger:
             f"MFU: {num(None if v.get('mfu') is None else 100.0 * v['mfu'], '%.2f%%')}",
             f"omission rate attn/mlp: {v['attn_omission_rate']:.3f}/{v['mlp_omission_rate']:.3f}",
         ]) + " |"
+
+    def add_excluded(self, excluded: dict) -> None:
+        for k, v in excluded.items():
+            self.excluded_total[k] = self.excluded_total.get(k, 0.0) + v
+
+    def log_run_info(self, info: dict) -> None:
+        """One ``{"kind": "run", ...}`` JSONL record: the attention backend in use etc."""
+        self.run_info = dict(info)
+        if self.is_writer and self._jsonl:
+            self._jsonl.write(json.dumps({"kind": "run", **info}) + "\n")
 
     def log_eval(self, iteration: int, lm_loss: float, consumed_samples: int = 0) -> None:
         if not self.is_writer:
@@ -226,7 +270,9 @@ class ThroughputLogger:
                            **self._rates(w)})
         out = {"phases": phases, "overall": self._rates(self.total) if self.total.iters else {},
                "final_train_loss": final_train_loss, "final_valid_loss": final_valid_loss,
-               "skipped_iters": self.skipped_total}
+               "skipped_iters": self.skipped_total,
+               **{f"time_{k}_s_total": v for k, v in self.excluded_total.items()},
+               **getattr(self, "run_info", {})}
         if self.is_writer:
             print(" throughput summary (first step of the process excluded as warm-up):")
             for p in phases:
@@ -277,6 +323,9 @@ def megatron_scalars(kind: str, values: dict) -> dict:
             out[f"throughput/{k}"] = (v, it)
         elif kind == "train" and ("omission" in k or k.startswith("kept")):
             out[f"sat/{k}"] = (v, it)
+        elif kind == "train" and k.startswith("time_") and k.endswith("_ms") \
+                and k[5:-3] in MEGATRON_TIMER_NAMES:  # Megatron's timers.write: seconds
+            out[f"{MEGATRON_TIMER_NAMES[k[5:-3]]}-time"] = (v / 1000.0, it)
     if kind == "train":
         out["loss-scale"] = (1.0, it)
         out["loss-scale vs samples"] = (1.0, samples)
@@ -285,4 +334,42 @@ def megatron_scalars(kind: str, values: dict) -> dict:
 
 _THROUGHPUT_KEYS = {"ms_per_iter", "samples_per_sec", "tokens_per_sec", "tokens_per_sec_per_gpu",
                     "tflops_per_gpu", "dense_equiv_tokens_per_sec", "mfu", "consumed_tokens",
-                    "consumed_samples"}
+                    "consumed_samples", "hw_tflops_per_gpu", "hfu"}
+
+
+def _hfu_text(v: dict) -> str:
+    """Hardware FLOP/s and HFU, printed only when recomputation makes them differ."""
+    if v.get("hw_tflops_per_gpu", 0.0) <= v.get("tflops_per_gpu", 0.0):
+        return ""
+    out = f" hardware TFLOP/s per GPU (with recomputation): {v['hw_tflops_per_gpu']:.4f} |"
+    if v.get("hfu") is not None:
+        out += f" HFU: {100.0 * v['hfu']:.2f}% |"
+    return out
+
+
+# Megatron-LM's timer names for the --timing-log-level phases (its ``timers.log`` block and
+# its ``<name>-time`` TensorBoard tags); SAT selection has no Megatron counterpart.
+MEGATRON_TIMER_NAMES = {"data": "batch-generator", "forward": "forward-compute",
+                        "sat_selection": "sat-selection", "backward": "backward-compute",
+                        "optimizer": "optimizer", "cpu": "cpu-process",
+                        "eval": "evaluate", "checkpoint": "save-checkpoint"}
+
+
+def _timer_rows(v: dict, keys) -> list:
+    return [f"    {MEGATRON_TIMER_NAMES[k] + ' ':.<48}: {v[f'time_{k}_ms']:.2f}" for k in keys
+            if f"time_{k}_ms" in v]
+
+
+def _timing_text(v: dict) -> str:
+    """The ``--timing-log-level`` block after the line ('' when timing is off), laid out
+    as Megatron's ``timers.log``: one dotted row per timer, in ms. Rank 0's times (the
+    loop does not reduce them over ranks, so no "(min, max) across ranks" is claimed)."""
+    from megatron_sat.training.timers import EXCLUDED_KEYS, SPLIT_KEYS
+
+    rows = _timer_rows(v, SPLIT_KEYS + ("cpu",))
+    if not rows:
+        return ""
+    out = "\n(rank 0) time per iteration (ms), mean over the interval:\n" + "\n".join(rows)
+    excl = _timer_rows(v, EXCLUDED_KEYS)
+    return out + ("\n(rank 0) time not in tokens/s (ms), total since the last line:\n"
+                  + "\n".join(excl) if excl else "")

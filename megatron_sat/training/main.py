@@ -41,9 +41,23 @@ def _error(msg: str, code: int) -> int:
     return code
 
 
+def _preflight(cfg) -> None:
+    """Check every input file before any process group or model exists, on every rank:
+    a bad file then costs seconds, not a cluster start-up, and ends in one line."""
+    from megatron_sat.training.data import check_prefixes
+    from megatron_sat.training.engine import deepspeed_config
+    from megatron_sat.training.resume import preflight_checkpoint
+
+    check_prefixes(cfg.data, cfg.batch.seq_length)
+    deepspeed_config(cfg)
+    preflight_checkpoint(cfg)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet()
+    from megatron_sat.tools.cli import ToolError
     from megatron_sat.training.arguments import parse_args
+    from megatron_sat.training.checkpointing import CheckpointSaveError
     from megatron_sat.training.configs import ConfigError
     from megatron_sat.training.loop import TrainingAborted
 
@@ -54,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         world = discover_world()
         export_world(world)
         cfg = parse_args(argv, world_size=world.world_size)
-    except ConfigError as e:
+        _preflight(cfg)
+    except (ConfigError, ToolError) as e:
         return _error(str(e), 2)
     if os.environ.get("RANK", "0") == "0":
         for note in cfg.notes:
@@ -71,8 +86,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_sat.training.loop import pretrain
 
         pretrain(cfg)
-    except ConfigError as e:
+    except (ConfigError, ToolError) as e:
         return _error(str(e), 2)
+    except CheckpointSaveError as e:
+        return _error(str(e), 1)
     except TrainingAborted as e:
         return _error(str(e), 3)
     finally:

@@ -1,17 +1,26 @@
-"""Resume at another data-parallel size or ZeRO stage: full optimizer state, re-sharded.
+"""Resume at another data-parallel size or ZeRO stage: the optimizer state, re-sharded.
 
-Why: DeepSpeed's own checkpoint stores the optimizer state partitioned by DP rank, so a
-run saved on 16 GPUs cannot resume on 8 (``ZeRORuntimeException``). Besides DeepSpeed's
-files, every checkpoint therefore holds, per TP rank, the *full* fp32 master weights and
-Adam moments by parameter name (``optim/mp_rank_XX.pt``, written by DP rank 0). When the
-DP size or ZeRO stage of a resumed run differs from the checkpoint's, the engine is built
-fresh and these tensors are written into whatever partitions the new layout gives this
-rank, through DeepSpeed's fragment mappings (``_hp_mapping``); the result is the state
-an uninterrupted run would have, so the loss curve continues (Megatron-DeepSpeed reaches
-the same with ``ds_to_universal`` plus ``--universal-checkpoint``).
+Why: DeepSpeed's own loader needs the DP size and ZeRO stage the checkpoint was saved
+with (else ``ZeRORuntimeException``), so a run saved on 16 GPUs could not resume on 8.
+Megatron-DeepSpeed solves it with ``ds_to_universal`` plus ``--universal-checkpoint``;
+we read the same DeepSpeed files directly, so every tensor is stored once
+(see :mod:`megatron_sat.tools.ckpt_format`):
 
-Supported: ZeRO stages 0-3, fp32 and bf16, in any combination (ZeRO-3 goes through
-DeepSpeed's ``safe_get/set_full_*`` API, which all-gathers its parameter partitions).
+* ZeRO 1-2 (and bf16 at any stage but 3): each ``zero_pp_rank_D_mp_rank_XX_optim_states.pt``
+  holds DP rank D's slice of the flat fp32 master weights and Adam moments, and
+  ``param_slice_mappings`` says where each parameter's fragment lies in it; the fragments,
+  taken in DP-rank order, are the parameter (flattened).
+* ZeRO-0 fp32: ``mp_rank_XX_model_states.pt`` holds the full weights (``module``) and
+  the torch optimizer's state (``optimizer``), indexed in our optimizer's group order.
+* ZeRO-3: DeepSpeed's files hold per-parameter padded partitions; for these the full fp32
+  weights and moments are written once more at save time as ``optim/mp_rank_XX.pt``
+  (the one layout that still stores a second copy; see ckpt_format).
+
+When the DP size or ZeRO stage of a resumed run differs from the checkpoint's, the engine
+is built fresh and the full tensors are written into whatever partitions the new layout
+gives this rank, through DeepSpeed's fragment mappings (``_hp_mapping``) or, at ZeRO-3,
+its ``safe_set_full_*`` API; the result is the state an uninterrupted run would have, so
+the loss curve continues.
 """
 
 from __future__ import annotations
@@ -114,14 +123,22 @@ def _load_zero3(z3, optimizer, named: dict, state: dict, step: torch.Tensor) -> 
             safe_set_full_optimizer_state(p, src[key].to(p.ds_tensor.device), key)
 
 
-def save_full_state(engine, ckpt: str, tp_rank: int, dp_rank: int) -> None:
-    """Collective: every rank gathers, DP rank 0 of each TP rank writes."""
+def needs_full_copy(engine) -> bool:
+    """Whether DeepSpeed's own files cannot be re-sharded (ZeRO-3): see the module doc."""
+    return engine.zero_optimization_stage() == 3
+
+
+def save_full_state(engine, ckpt, tp_rank: int, dp_rank: int, write: bool = True) -> None:
+    """Collective: every rank gathers, DP rank 0 of each TP rank writes (unless ``write`` is
+    False: a rank that already failed still joins the collectives, then writes nothing).
+
+    Written into the checkpoint's temporary folder; ``checkpointing.save_checkpoint``
+    fsyncs and renames it with the rest, so it is complete whenever ``latest`` names it.
+    """
     state = gather_full_state(engine)
-    if dp_rank == 0 and state:
+    if write and dp_rank == 0 and state:
         os.makedirs(os.path.join(ckpt, "optim"), exist_ok=True)
-        path = optim_file(ckpt, tp_rank)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        torch.save(state, optim_file(str(ckpt), tp_rank))
 
 
 def needs_reshard(head: dict, dp: int, zero_stage: int) -> bool:
@@ -131,13 +148,94 @@ def needs_reshard(head: dict, dp: int, zero_stage: int) -> bool:
     return saved_dp != dp or (saved_zero is not None and int(saved_zero) != zero_stage)
 
 
-def load_full_state(engine, ckpt: str, tp_rank: int, head: dict) -> None:
-    """Write the checkpoint's full state into this run's partitions (no collectives)."""
+def _load(path, deepspeed: bool = True):
+    from megatron_sat.tools.cli import ToolError
+    from megatron_sat.tools.file_checks import load_torch_file
+
+    try:  # weights_only (DeepSpeed's plain-data classes only): no code runs
+        return load_torch_file(path, "checkpoint file", "the checkpoint is truncated or "
+                               "corrupt; load another one, or resume at its own DP size",
+                               mmap=False, deepspeed=deepspeed)
+    except ToolError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _from_zero_shards(ckpt: str, tp_rank: int, dp: int) -> dict:
+    """Full fp32 weights and moments from DeepSpeed's ZeRO-1/2 (or bf16) optimizer shards."""
+    pieces: dict = {}
+    step = 0.0
+    for d in range(dp):
+        path = os.path.join(ckpt, f"zero_pp_rank_{d}_mp_rank_{tp_rank:02d}_optim_states.pt")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--load {ckpt} lacks {os.path.basename(path)}; the checkpoint "
+                              f"is incomplete")
+        osd = _load(path)["optimizer_state_dict"]
+        base = osd["base_optimizer_state"]
+        states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            fp32 = osd["single_partition_of_fp32_groups"][g]
+            st = states.get(g, {})
+            if "step" in st:
+                step = float(st["step"])
+            for name, addr in mapping.items():
+                sl = [fp32.narrow(0, addr.start, addr.numel)]
+                for k in ADAM_KEYS:
+                    sl.append(st[k].narrow(0, addr.start, addr.numel) if k in st
+                              else torch.zeros(addr.numel))
+                pieces.setdefault(name, []).append(sl)
+    params = {name: {k: torch.cat([sl[i] for sl in frags]).float()
+                     for i, k in enumerate(("fp32",) + ADAM_KEYS)}
+              for name, frags in pieces.items()}
+    return {"step": step, "params": params}
+
+
+def _from_zero0(ckpt: str, tp_rank: int, engine) -> dict:
+    """ZeRO-0 fp32: full weights and the torch optimizer's state from the model-state file.
+
+    The torch state is indexed by position in our optimizer's groups: decayed (>= 2-D)
+    parameters, then the others, each in ``named_parameters`` order (engine.build_optimizer).
+    """
+    sd = _load(os.path.join(ckpt, f"mp_rank_{tp_rank:02d}_model_states.pt"))
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    order = [n for n, p in named if p.ndim >= 2] + [n for n, p in named if p.ndim < 2]
+    opt = (sd.get("optimizer") or {}).get("state", {})
+    step, params = 0.0, {}
+    for i, name in enumerate(order):
+        st = opt.get(i, {})
+        if "step" in st:
+            step = float(st["step"])
+        w = sd["module"][name].float()
+        params[name] = {"fp32": w, **{k: st[k].float() if k in st else torch.zeros_like(w)
+                                      for k in ADAM_KEYS}}
+    return {"step": step, "params": params}
+
+
+def full_state(engine, ckpt, tp_rank: int, head: dict) -> dict:
+    """This TP rank's full optimizer state from the checkpoint, whatever its DP layout."""
+    ckpt = str(ckpt)
     path = optim_file(ckpt, tp_rank)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--load {ckpt} has no {path} (saved by an older version), so it "
-                          f"can only resume at its own DP size {head['world_size'] // head['tp']}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    if os.path.isfile(path):
+        return _load(path, deepspeed=False)
+    dp = int(head["world_size"]) // int(head["tp"])
+    if int(head.get("zero_stage") or 0) == 3:
+        raise ConfigError(f"--load {ckpt} (ZeRO-3) has no {path}, so it can only resume at its "
+                          f"own DP size {dp} and ZeRO stage 3")
+    if not os.path.isfile(os.path.join(ckpt, f"zero_pp_rank_0_mp_rank_{tp_rank:02d}"
+                                             f"_optim_states.pt")):
+        return _from_zero0(ckpt, tp_rank, engine)
+    state = _from_zero_shards(ckpt, tp_rank, dp)
+    for name, p in engine.module.named_parameters():  # flat fragments -> parameter shapes
+        shape = getattr(p, "ds_shape", p.shape)
+        if name in state["params"]:
+            state["params"][name] = {k: v.view(shape)
+                                     for k, v in state["params"][name].items()}
+    return state
+
+
+def load_full_state(engine, ckpt, tp_rank: int, head: dict) -> None:
+    """Write the checkpoint's full state into this run's partitions (no collectives)."""
+    path = str(ckpt)
+    state = full_state(engine, ckpt, tp_rank, head)
     named = dict(engine.module.named_parameters())
     missing = sorted(set(named) - set(state["params"]))
     if missing:
