@@ -152,7 +152,9 @@ def test_example_script_launches_locally_without_hostfile(tmp_path, spm_model):
     (["--use-distributed-optimizer", "--zero-stage", "0"], "--use-distributed-optimizer"),
     (["--lr-decay-style", "WSD"], "--lr-wsd-decay-iters"),
     (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "5"], "--lr-warmup-fraction"),
-    (["--use-checkpoint-args", "--load", "/nonexistent"], "--use-checkpoint-args"),
+    (["--use-checkpoint-args", "--load", "/nonexistent"], "--load /nonexistent does not exist"),
+    (["--use-checkpoint-args", "--load", "/nonexistent", "--save", "/nonexistent"],
+     "--use-checkpoint-args: no megatron-sat checkpoint"),
 ])
 def test_unsupported_flags_are_one_line_errors(argv, needle, capsys, monkeypatch):
     from megatron_sat.training.main import main
@@ -190,7 +192,9 @@ def test_use_checkpoint_args_takes_the_shape_from_meta_json(tmp_path):
 
     shape = PRESETS["tinyllama-1.1b"].to_dict()
     (tmp_path / "iter_0000010").mkdir()
-    (tmp_path / "iter_0000010" / "meta.json").write_text(json.dumps({"shape": shape, "tp": 1}))
+    (tmp_path / "iter_0000010" / "meta.json").write_text(json.dumps(
+        {"format": "megatron-sat", "format_version": 1, "iteration": 10, "shape": shape, "tp": 1,
+         "padded_vocab_size": shape["vocab_size"]}))
     (tmp_path / "latest").write_text("iter_0000010\n")
     base = ["--data-path", "x", "--seq-length", "64", "--load", str(tmp_path)]
     assert parse_args(base).shape.to_dict() == shape  # no shape flags: from the checkpoint

@@ -134,13 +134,12 @@ class ThroughputLogger:
                                                         self.recompute)
         self.skipped_total += int(rec.skipped)
         self.last_record = rec
-        self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates)
-        self.window.skipped += int(rec.skipped)
-        self.window.nan += int(rec.skipped)
         split = dict(rec.split or {})
         if rec.split is not None and rec.cpu_seconds is not None:
             split["cpu"] = rec.cpu_seconds  # logged as time_cpu_ms: robust to other jobs
         self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, split)
+        self.window.skipped += int(rec.skipped)
+        self.window.nan += int(rec.skipped)
         if rec.timed:
             self.total.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, rec.split)
             self.phases.setdefault(rec.phase, _Window()).add(rec.iteration, rec.seconds,

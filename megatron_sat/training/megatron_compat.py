@@ -124,8 +124,15 @@ def apply_compat(a: argparse.Namespace, compat_only: frozenset) -> tuple[list[st
         notes.append("activation recomputation flags (" + ", ".join(
             "--" + f.replace("_", "-") for f in not_here) + ") accepted; this build "
             "trains without recomputation (activations are kept)")
-    if a.recompute_method is not None and a.recompute_granularity is None:
-        problems.append("--recompute-method needs --recompute-granularity full")
-    if a.recompute_granularity == "selective" and a.recompute_method is not None:
-        problems.append("--recompute-method applies to --recompute-granularity full only")
+    if a.recompute_granularity == "full" and a.recompute_num_layers is None \
+            and "recompute_num_layers" not in compat_only:
+        # Megatron-DeepSpeed's default (its llama2 script gives no --recompute-num-layers):
+        # uniform: every layer is its own recomputed chunk; block: the first layer.
+        a.recompute_num_layers = 1
+        notes.append("--recompute-num-layers 1 (Megatron-DeepSpeed's default)")
+    if "recompute_method" in compat_only:  # else PerformanceConfig validates them
+        if a.recompute_method is not None and a.recompute_granularity is None:
+            problems.append("--recompute-method needs --recompute-granularity full")
+        if a.recompute_granularity == "selective" and a.recompute_method is not None:
+            problems.append("--recompute-method applies to --recompute-granularity full only")
     return notes, problems
