@@ -224,9 +224,15 @@ def _add_performance_args(p: argparse.ArgumentParser) -> None:
                         "DotProductAttention); dense and SAT steps use the same one")
     g.add_argument("--use-flash-attn", action="store_true",
                    help="Megatron-DeepSpeed's alias for --attention-backend flash")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
-    g.add_argument("--recompute-method", choices=["uniform", "block"])
-    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="recompute activations in the backward pass: whole layers (full) or "
+                        "the attention core only (selective); the recomputed forward keeps "
+                        "the iteration's SAT selection")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with full: chunks of --recompute-num-layers layers (uniform) or only "
+                        "the first --recompute-num-layers layers (block)")
+    g.add_argument("--recompute-num-layers", type=int,
+                   help="with full (default: 1, as in Megatron-DeepSpeed)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split the sequence over the TP ranks outside the TP regions (TP >= 2)")
     g.add_argument("--timing-log-level", type=int, default=0,
