@@ -28,7 +28,8 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234,
                         backend: str | None = None, timeout_s: int = 600) -> None:
     """Start torch.distributed from the launcher's env (or as 1 process) and megatron's groups.
 
-    Works under ``deepspeed``, ``torchrun`` and plain ``python`` (world size 1).
+    Works under ``deepspeed`` (pdsh, openmpi, mpich, slurm launchers), ``torchrun``,
+    ``mpirun``, ``srun`` and plain ``python`` (world size 1); see ``training.launch_env``.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -36,11 +37,17 @@ def initialize_parallel(tensor_model_parallel_size: int = 1, seed: int = 1234,
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
+        from megatron_sat.training.launch_env import (check_formed_world, discover_world,
+                                                      export_world)
+
+        # deepspeed (any --launcher), torchrun, mpirun, srun: their variables -> torch's.
+        world = discover_world()
+        export_world(world)
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            # Launched by deepspeed / torchrun: rendezvous through their environment.
+            torch.cuda.set_device(world.local_rank)
+        if world.multi_process:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+            check_formed_world(world)
         else:
             # One plain process: a private store on a free port.  The environment is
             # left alone, so child processes this one starts never inherit a port.

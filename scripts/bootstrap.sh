@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with a pinned CPU/CUDA torch first, then megatron-sat and its extras.
+# Create .venv with a pinned CPU/CUDA torch first, then megatron-sat and its extras, all at
+# the tested versions of constraints.txt.
 # Idempotent: re-runs only when setup.py or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,15 @@ fi
 echo "[bootstrap] creating $VENV (torch pinned by constraints.txt) ..." >&2
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-"$VENV/bin/python" -m pip install -q -c constraints.txt "$(grep '^torch==' constraints.txt)" 2>&1 \
+# On a machine without an NVIDIA GPU take torch's CPU build explicitly from its own index
+# (the default index serves a multi-GB CUDA build). TORCH_INDEX_URL overrides the choice.
+TORCH_INDEX=()
+if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+  TORCH_INDEX=(--index-url "$TORCH_INDEX_URL")
+elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  TORCH_INDEX=(--index-url https://download.pytorch.org/whl/cpu)
+fi
+"$VENV/bin/python" -m pip install -q "${TORCH_INDEX[@]}" "$(grep '^torch==' constraints.txt)" 2>&1 \
   | grep -v "is ignored" >&2 || true
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" >&2 || true
 "$VENV/bin/python" -c "import torch, megatron.core, deepspeed, sentencepiece" 2>/dev/null \

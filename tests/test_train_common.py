@@ -83,15 +83,26 @@ def test_flops_counts_gqa_and_sat_exactly():
     assert total == 80 * sat + 2 * h * shape.padded_vocab_size(1)
 
 
-def test_lr_schedule_warmup_cosine_min():
+def test_lr_schedules_megatron_semantics():
     from megatron_sat.training.configs import OptimizerConfig
     from megatron_sat.training.lr_schedule import lr_at
 
+    # Megatron's warm-up: the step after n completed iterations runs at lr * n / W
     cfg = OptimizerConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=10)
-    assert lr_at(cfg, 0, 110) == pytest.approx(0.1)
-    assert lr_at(cfg, 9, 110) == pytest.approx(1.0)
+    assert lr_at(cfg, 0, 110) == 0.0
+    assert lr_at(cfg, 5, 110) == pytest.approx(0.5)
+    assert lr_at(cfg, 10, 110) == pytest.approx(1.0)
     assert lr_at(cfg, 60, 110) == pytest.approx(0.55)
     assert lr_at(cfg, 110, 110) == pytest.approx(0.1)
+    lin = OptimizerConfig(lr=1.0, min_lr=0.0, lr_decay_style="linear", lr_warmup_iters=0)
+    assert lr_at(lin, 25, 100) == pytest.approx(0.75)
+    # WSD: stable at the peak until the last 20 iterations, then linear to min_lr
+    wsd = OptimizerConfig(lr=1.0, min_lr=0.0, lr_decay_style="WSD", lr_warmup_iters=10,
+                          wsd_decay_iters=20, wsd_decay_style="linear")
+    assert [lr_at(wsd, i, 100) for i in (50, 80, 90, 100)] == pytest.approx([1, 1, 0.5, 0])
+    isr = OptimizerConfig(lr=1.0, min_lr=0.0, lr_decay_style="inverse-square-root",
+                          lr_warmup_iters=4)
+    assert lr_at(isr, 16, 100) == pytest.approx((4 / 16) ** 0.5)
 
 
 def test_args_presets_overrides_and_contradictions():

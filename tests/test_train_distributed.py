@@ -6,12 +6,15 @@ and JSONL written, and the loss falling.
 """
 
 import glob
+import re
 
 from test_train_common import TINY, make_data, read_metrics, run_trainer
 
-LOG_FIELDS = ["iteration", "consumed samples:", "consumed tokens:",
-              "elapsed time per iteration (ms):", "learning rate:", "global batch size:",
-              "lm loss:", "grad norm:", "skipped iterations:", "samples per second:",
+# Megatron-LM's fields, in its order, then the SAT extras
+LOG_FIELDS = ["iteration", "consumed samples:", "elapsed time per iteration (ms):",
+              "throughput per GPU (TFLOP/s/GPU):", "learning rate:", "global batch size:",
+              "lm loss:", "loss scale:", "grad norm:", "number of skipped iterations:",
+              "number of nan iterations:", "consumed tokens:", "samples per second:",
               "tokens per second:", "tokens per GPU per second:", "TFLOP/s per GPU:",
               "dense-equiv tokens per second:", "MFU:", "omission rate attn/mlp:"]
 
@@ -26,10 +29,14 @@ def test_dp2_zero1_sat_nan_skip_and_log(tmp_path):
         "--eval-iters", "2", "--zero-stage", "1", "--sat", "--sat-decay-start", "4",
         "--inject-nan-iters", "2", "--tensorboard-dir", tmp_path / "tb",
         "--peak-tflops", "1.0"], launcher="torchrun", nproc=2)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(" iteration")]
+    lines = [ln for ln in proc.stdout.splitlines() if re.match(r" \[[-0-9 :]+\] iteration ", ln)]
     assert len(lines) == 6
-    for field in LOG_FIELDS:
-        assert all(field in ln for ln in lines), field
+    for ln in lines:
+        positions = [ln.index(field) for field in LOG_FIELDS]
+        assert positions == sorted(positions), ln
+    # the NaN step is the 3rd (t = 2): counted in the 2nd interval only, as in Megatron
+    assert "number of skipped iterations:   1 | number of nan iterations:   1 |" in lines[1]
+    assert all("number of skipped iterations:   0 |" in ln for ln in lines[:1] + lines[2:])
     assert "MFU: n/a" not in lines[-1]  # --peak-tflops given
     rows = [r for r in read_metrics(tmp_path / "tb" / "metrics.jsonl") if r["kind"] == "train"]
     assert rows[-1]["skipped_iters"] == 1  # the injected NaN step (t = 2) was skipped

@@ -24,14 +24,18 @@ def _one_line_error(proc, needle):
     return err[0]
 
 
+# what torchrun exports for rank 0 of 2 (parsing fails before any rendezvous)
+TORCH_WORLD_2 = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+
+
 def test_bad_input_one_line_errors(tmp_path):
     data = make_data(str(tmp_path / "data"), n_docs=40)
     ok = TINY + ["--data-path", data, "--split", "90,10,0", "--train-iters", "2"]
     cases = [
         (["--data-path", str(tmp_path / "missing")], {}, "missing.bin and"),
         (["--num-attention-heads", "3", "--hidden-size", "48", "--num-query-groups", "3",
-          "--tensor-model-parallel-size", "2"], {"WORLD_SIZE": "2"}, "does not divide"),
-        (["--global-batch-size", "5"], {"WORLD_SIZE": "2"}, "not divisible by"),
+          "--tensor-model-parallel-size", "2"], TORCH_WORLD_2, "does not divide"),
+        (["--global-batch-size", "5"], TORCH_WORLD_2, "not divisible by"),
     ]
     for extra, env, needle in cases:
         proc = run_trainer(ok + extra, check=False, env_extra=env)
@@ -77,7 +81,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
                             + [str(a) for a in args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=err)
     for line in proc.stdout:
-        if line.startswith(" iteration"):
+        if "] iteration " in line:  # Megatron's line: " [timestamp] iteration ..."
             proc.send_signal(signal.SIGTERM)
             break
     out = proc.stdout.read()

@@ -45,6 +45,8 @@ def test_bf16_sat_recompute_run_time_split_and_backend_record(tmp_path):
     # Eval and checkpoint at iteration 8 show up, outside the iteration times.
     assert train[2]["time_eval_ms"] > 0 and train[2]["time_checkpoint_ms"] > 0
     assert "not in tokens/s" in proc.stdout and "HFU:" in proc.stdout
+    # Megatron's timer names (timers.log rows), after Megatron's log line
+    assert "forward-compute ...." in proc.stdout and "save-checkpoint ...." in proc.stdout
     assert train[-1]["lm_loss"] < train[0]["lm_loss"]  # bf16 SAT training learns
     with open(tmp_path / "ckpt" / "iter_0000016" / "meta.json") as f:
         meta = json.load(f)

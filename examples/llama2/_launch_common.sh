@@ -12,13 +12,34 @@ LR=${LR:-3e-5}
 MIN_LR=${MIN_LR:-3e-6}
 TENSORBOARD=${TENSORBOARD:-$SAVE/tensorboard}
 
-if [ ! -f "$HOSTFILE" ]; then
-  echo "no hostfile at $HOSTFILE (copy examples/llama2/hostfile.example and edit it)" >&2
-  exit 2
+# Several nodes: a DeepSpeed hostfile (pdsh). Without one: this node only, one process per
+# GPU (NUM_GPUS overrides the count; no ssh needed). Under srun (the .sbatch script) the
+# processes come from Slurm instead.
+LAUNCH=()
+if [ "${LAUNCHER:-deepspeed}" = deepspeed ]; then
+  if [ -f "$HOSTFILE" ]; then
+    LAUNCH=(--hostfile "$HOSTFILE")
+  else
+    NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+    [ "$NUM_GPUS" -ge 1 ] 2>/dev/null || NUM_GPUS=1
+    echo "no hostfile at $HOSTFILE: launching $NUM_GPUS processes on this node" >&2
+    LAUNCH=(--num_gpus "$NUM_GPUS")
+  fi
 fi
 
 # First run from converted HF weights: weights only. Later runs resume from $SAVE.
-if [ -f "$SAVE/latest" ]; then LOAD=$SAVE; START_FLAGS=(); else START_FLAGS=(--finetune); fi
+# LOAD= (empty) trains from scratch.
+if [ -f "$SAVE/latest" ]; then
+  START_FLAGS=(--load "$SAVE")
+elif [ -n "$LOAD" ]; then
+  if [ ! -e "$LOAD" ]; then
+    echo "LOAD=$LOAD does not exist: convert the HF weights there first (examples/llama2/README.md step 1), or set LOAD= to train from scratch" >&2
+    exit 2
+  fi
+  START_FLAGS=(--load "$LOAD" --finetune)
+else
+  START_FLAGS=()
+fi
 
 LLAMA_FLAGS=(--swiglu --normalization rmsnorm --use-rotary-position-embeddings
   --untie-embeddings-and-output-weights --disable-bias-linear --no-query-key-layer-scaling)
@@ -31,7 +52,7 @@ TRAIN_FLAGS=(
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16
   --data-path $DATA_PATH --split 990,10,0 --data-cache-path "$DATA_CACHE"
   --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER"
-  --load "$LOAD" --save "$SAVE" --save-interval 500
+  --save "$SAVE" --save-interval 500
   --log-interval 10 --eval-interval 500 --eval-iters 20 --tensorboard-dir "$TENSORBOARD"
   --deepspeed --deepspeed_config "$DS_CONFIG" --zero-stage 3
   --attention-backend "${ATTENTION_BACKEND:-auto}"

@@ -255,3 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ours:
         _shutdown()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

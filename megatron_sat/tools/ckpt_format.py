@@ -25,6 +25,20 @@ touching any tensor.  Two writers share one folder layout::
     partitions in the optimizer files), so the gathered weights are written once, as
     ``mp_rank_XX/model.pt`` above.
 
+  Resume at another DP size or ZeRO stage (``megatron_sat.training.reshard``) reads the
+  same files, so no tensor is stored twice for it: at ZeRO 1-2 (and bf16) the full fp32
+  master weights and Adam moments are reassembled from the ``zero_pp_rank_*`` shards via
+  their ``param_slice_mappings``; at ZeRO-0 fp32 they are the model-state file's
+  ``module`` and ``optimizer``. Only ZeRO-3 checkpoints add ``optim/mp_rank_XX.pt``
+  (full fp32 weights + both moments per TP rank, ~12 bytes/param), because DeepSpeed's
+  ZeRO-3 partitions are padded per parameter and carry no slice map; this is the one
+  layout with a second copy of the optimizer state.
+
+  Bytes per parameter (fp32, ZeRO-0, the layout the one-copy test measures): 4 (weights,
+  ``module``) + 8 (the two moments, ``optimizer``) = 12, plus pickling overhead, RNG and
+  ``meta.json``. ZeRO 1-2 add DeepSpeed's fp32 master copy in the shards (16 in fp32,
+  2 + 12 = 14 in bf16).
+
   ``rng/rank_XXXXX.pt`` holds every rank's RNG states as tensors and ints, and
   ``meta.json`` the train state (iteration, consumed samples), the run's settings and
   the settings changed at each resume.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_sat.tools.cli import Progress, ToolError, check_output_free, make_parser, run_main
-from megatron_sat.tools.text_tokenizer import TOKENIZER_TYPES, TextTokenizer, load_tokenizer
+from megatron_sat.tools.text_tokenizer import TEXT_TOKENIZER_TYPES, TextTokenizer, load_tokenizer
 
 SPLIT_MODES = ("line", "paragraph", "file")
 FORMATS = ("auto", "hf", "megatron")
@@ -332,7 +333,7 @@ def build_parser():
     p.add_argument("--checkpoint-format", choices=FORMATS, default="auto")
     p.add_argument("--data", nargs="+", required=True,
                    help="text/jsonl files or folders, optionally NAME=PATH; one domain each")
-    p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="SentencePieceTokenizer")
+    p.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES, default="SentencePieceTokenizer")
     p.add_argument("--tokenizer-model", default=None,
                    help="default: tokenizer.model inside --load, if present")
     p.add_argument("--seq-length", type=int, default=1024)
@@ -370,3 +371,7 @@ def _run(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

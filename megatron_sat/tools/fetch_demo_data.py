@@ -234,3 +234,7 @@ def build_parser():
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

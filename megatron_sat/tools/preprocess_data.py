@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from megatron_sat.tools.cli import (Progress, ToolError, check_output_free, make
                                     run_main)
 from megatron_sat.tools.indexed_writer import IndexedDatasetWriter, dataset_paths
 from megatron_sat.tools.text_cleaning import CleaningConfig, TextCleaner, dedup_key
-from megatron_sat.tools.text_tokenizer import TOKENIZER_TYPES, TextTokenizer, load_tokenizer
+from megatron_sat.tools.text_tokenizer import TEXT_TOKENIZER_TYPES, TextTokenizer, load_tokenizer
 
 INPUT_FORMATS = ("jsonl", "text")
 SPLIT_MODES = ("line", "paragraph")
@@ -295,9 +296,9 @@ def build_parser():
     g.add_argument("--split-mode", choices=SPLIT_MODES, default="line",
                    help="text input: one document per line, or per blank-line paragraph")
     g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="SentencePieceTokenizer")
+    g.add_argument("--tokenizer-type", choices=TEXT_TOKENIZER_TYPES, default="SentencePieceTokenizer")
     g.add_argument("--tokenizer-model", default=None,
-                   help="tokenizer.model file, or an HF tokenizer folder for HFTokenizer")
+                   help="tokenizer.model file, or an HF tokenizer folder for HuggingFaceTokenizer/HFTokenizer")
     g.add_argument("--append-eod", action="store_true", help="append EOS to every document")
     bos = g.add_mutually_exclusive_group()
     bos.add_argument("--bos", dest="bos", action="store_true",
@@ -342,3 +343,7 @@ def _run(args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

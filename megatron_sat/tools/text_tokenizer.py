@@ -14,7 +14,28 @@ from typing import List, Optional
 
 from megatron_sat.tools.cli import ToolError
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HFTokenizer")
+# One table for the trainer and every tool (Megatron-LM and Megatron-DeepSpeed names):
+# name -> kind. "sp": a SentencePiece ``tokenizer.model``; "hf": a Hugging Face tokenizer
+# folder; "null": no text tokenizer (pre-tokenised data only; the trainer accepts it, tools
+# that encode text cannot).
+TOKENIZER_KINDS = {
+    "SentencePieceTokenizer": "sp",
+    "GPTSentencePieceTokenizer": "sp",
+    "Llama2Tokenizer": "sp",
+    "HuggingFaceTokenizer": "hf",
+    "HFTokenizer": "hf",
+    "NullTokenizer": "null",
+}
+TOKENIZER_TYPES = tuple(TOKENIZER_KINDS)
+TEXT_TOKENIZER_TYPES = tuple(k for k, v in TOKENIZER_KINDS.items() if v != "null")
+
+
+def tokenizer_kind(tokenizer_type: str, flag: str = "--tokenizer-type") -> str:
+    """"sp", "hf" or "null"; a one-line error naming the accepted types otherwise."""
+    if tokenizer_type not in TOKENIZER_KINDS:
+        raise ToolError(f"{flag} {tokenizer_type!r} is not supported; choose one of "
+                        f"{', '.join(TOKENIZER_TYPES)}")
+    return TOKENIZER_KINDS[tokenizer_type]
 
 
 class TextTokenizer:
@@ -87,14 +108,15 @@ class HFTextTokenizer(TextTokenizer):
 
 def load_tokenizer(tokenizer_type: str, model: Optional[os.PathLike | str]) -> TextTokenizer:
     """Build a tokenizer, or fail with one line naming the missing piece and the flag."""
-    if tokenizer_type not in TOKENIZER_TYPES:
-        raise ToolError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
-                        f"{', '.join(TOKENIZER_TYPES)}")
+    kind = tokenizer_kind(tokenizer_type)
+    if kind == "null":
+        raise ToolError(f"--tokenizer-type {tokenizer_type} cannot encode text; choose one of "
+                        f"{', '.join(TEXT_TOKENIZER_TYPES)}")
     if model is None:
         raise ToolError("no tokenizer given; pass --tokenizer-model (a tokenizer.model file, "
                         "or an HF tokenizer folder with --tokenizer-type HFTokenizer)")
     path = Path(model)
-    if tokenizer_type == "SentencePieceTokenizer":
+    if kind == "sp":
         if path.is_dir() and (path / "tokenizer.model").is_file():
             path = path / "tokenizer.model"
         if not path.is_file():

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional, Sequence
 
-from megatron_sat.config import SATConfig
+from megatron_sat.config import LADDER_SPACINGS, METRICS, SATConfig, SCHEDULES, SELECTIONS
 from megatron_sat.model import PRESETS, LlamaShape
+from megatron_sat.tools.text_tokenizer import TOKENIZER_TYPES, tokenizer_kind
 from megatron_sat.training.configs import (BatchConfig, CheckpointConfig, ConfigError,
                                            DataConfig, EngineConfig, LoggingConfig,
                                            OptimizerConfig, ParallelConfig,
                                            PerformanceConfig, TrainConfig)
+from megatron_sat.training.help_text import DESCRIPTION, EPILOG, HelpFormatter
+from megatron_sat.training.megatron_compat import add_compat_flags, apply_compat
 
 SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by")
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
-                   "NullTokenizer")
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,12 +37,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pretrain_llama.py", allow_abbrev=False,
-                description="Llama continual pre-training with SAT on DeepSpeed + megatron-core")
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    p = _Parser(prog=prog if prog.startswith("megatron-sat") else "pretrain_llama.py",
+                allow_abbrev=False, description=DESCRIPTION,
+                epilog=EPILOG, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(PRESETS), help="shape preset; explicit flags override")
+    g.add_argument("--model", choices=sorted(PRESETS),
+                   help="shape preset; explicit flags override it. Without a preset or shape "
+                        "flags the shape comes from the checkpoint in --load")
     for name in SHAPE_FLAGS:
-        g.add_argument("--" + name.replace("_", "-"), type=int)
+        g.add_argument("--" + name.replace("_", "-"), type=int,
+                       help="default: from --model, else from the checkpoint in --load"
+                       + (" (else the tokenizer's size)" if name == "vocab_size" else ""))
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape from the checkpoint in --load (it wins over "
+                        "shape flags), as in Megatron")
     g.add_argument("--num-query-groups", type=int, help="GQA groups (Megatron-LM name)")
     g.add_argument("--num-key-value-heads", type=int, help="GQA groups (Megatron-DeepSpeed name)")
     g.add_argument("--group-query-attention", action="store_true", help="accepted; implied")
@@ -72,21 +85,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing: comma-separated iterations whose loss is made NaN")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw"],
+                   help="both are AdamW (decoupled weight decay), as Megatron's adam")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--lr-decay-style", default="cosine", choices=LR_DECAY_STYLES,
+                   help="megatron-core OptimizerParamScheduler style (Megatron default: linear)")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="linear warm-up from --lr-warmup-init; step 1 runs at the init value")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-decay-iters", type=int, default=0, help="0: --train-iters")
+    g.add_argument("--lr-wsd-decay-style", default="exponential", choices=WSD_DECAY_STYLES,
+                   help="annealing shape of the WSD schedule's last phase")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None,
+                   help="length of WSD's annealing phase (required with WSD)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="(Megatron default: 0.01)")
+    g.add_argument("--start-weight-decay", type=float, default=None,
+                   help="with --end-weight-decay: weight decay schedule (default: constant)")
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant",
+                   choices=("constant", "linear", "cosine"))
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=0.95, help="(Megatron default: 0.999)")
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
 
     g = p.add_argument_group("parallelism and DeepSpeed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="must be 1: use TP within a node and --zero-stage 3 across nodes")
     g.add_argument("--deepspeed", action="store_true",
                    help="accepted; the engine is always DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
@@ -94,21 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=[])
+    g.add_argument("--data-path", nargs="+", default=[],
+                   help="[w1] prefix1 [w2] prefix2 ...: Megatron .bin/.idx data")
+    g.add_argument("--mock-data", action="store_true",
+                   help="megatron-core's synthetic MockGPTDataset instead of --data-path")
     g.add_argument("--split", default="949,50,1")
     g.add_argument("--data-cache-path")
-    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss on end-of-document tokens, as in Megatron")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES,
+                   help="SentencePiece kinds read --tokenizer-model as a tokenizer.model; the "
+                        "HF kinds as a tokenizer folder")
     g.add_argument("--tokenizer-model")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save")
     g.add_argument("--load")
     g.add_argument("--save-interval", type=int, default=0)
-    g.add_argument("--finetune", action="store_true", help="load weights only, restart at 0")
-    g.add_argument("--no-load-optim", action="store_true", help="load weights only")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only; iteration, data position, optimizer and RNG start "
+                        "fresh")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load weights, iteration and data position, not the optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
     g.add_argument("--ckpt-step", type=int,
-                   help="load iter_N of --load instead of the one 'latest' names")
+                   help="load iter_N of --load instead of the one \x27latest\x27 names")
     g.add_argument("--overwrite-save", action="store_true",
                    help="let a new run replace the run already held in --save")
     g.add_argument("--keep-last-n-checkpoints", type=int, default=0,
@@ -125,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sat_arguments(p)
     _add_performance_args(p)
+    add_compat_flags(p)  # after the performance flags, which it defers to; sets p.compat_only
     return p
 
 
@@ -133,15 +173,21 @@ def add_sat_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SAT (see SAT_SPEC.md)")
     d = SATConfig()
     g.add_argument("--sat", action="store_true", help="enable Sparsity-Accelerated Training")
-    g.add_argument("--sat-metric", default=d.metric)
-    g.add_argument("--sat-selection", default=d.selection)
-    g.add_argument("--sat-temperature", type=float, default=d.temperature)
-    g.add_argument("--sat-attn-omission-rate", type=float, default=d.attn_omission_rate)
-    g.add_argument("--sat-mlp-omission-rate", type=float, default=d.mlp_omission_rate)
-    g.add_argument("--sat-schedule", default=d.schedule)
+    g.add_argument("--sat-metric", default=d.metric, choices=METRICS,
+                   help="neuron importance score (SAT_SPEC §2)")
+    g.add_argument("--sat-selection", default=d.selection, choices=SELECTIONS,
+                   help="keep the top scores, or sample by temperature (SAT_SPEC §3)")
+    g.add_argument("--sat-temperature", type=float, default=d.temperature,
+                   help="sampling temperature for --sat-selection sampling")
+    g.add_argument("--sat-attn-omission-rate", type=float, default=d.attn_omission_rate,
+                   help="fraction of attention heads skipped per iteration")
+    g.add_argument("--sat-mlp-omission-rate", type=float, default=d.mlp_omission_rate,
+                   help="fraction of MLP channels skipped per iteration")
+    g.add_argument("--sat-schedule", default=d.schedule, choices=SCHEDULES,
+                   help="how omission rates fall to 0 from --sat-decay-start (SAT_SPEC §4)")
     g.add_argument("--sat-decay-start", type=int, default=d.decay_start)
     g.add_argument("--sat-ladder-rungs", type=int, default=d.ladder_rungs)
-    g.add_argument("--sat-ladder-spacing", default=d.ladder_spacing)
+    g.add_argument("--sat-ladder-spacing", default=d.ladder_spacing, choices=LADDER_SPACINGS)
     g.add_argument("--sat-seed", type=int, help="default: --seed")
     g.add_argument("--sat-dp-consistent", action=argparse.BooleanOptionalAction,
                    default=d.dp_consistent)
@@ -178,9 +224,15 @@ def _add_performance_args(p: argparse.ArgumentParser) -> None:
                         "DotProductAttention); dense and SAT steps use the same one")
     g.add_argument("--use-flash-attn", action="store_true",
                    help="Megatron-DeepSpeed's alias for --attention-backend flash")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
-    g.add_argument("--recompute-method", choices=["uniform", "block"])
-    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
+                   help="recompute activations in the backward pass: whole layers (full) or "
+                        "the attention core only (selective); the recomputed forward keeps "
+                        "the iteration's SAT selection")
+    g.add_argument("--recompute-method", choices=["uniform", "block"],
+                   help="with full: chunks of --recompute-num-layers layers (uniform) or only "
+                        "the first --recompute-num-layers layers (block)")
+    g.add_argument("--recompute-num-layers", type=int,
+                   help="with full (default: 1, as in Megatron-DeepSpeed)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split the sequence over the TP ranks outside the TP regions (TP >= 2)")
     g.add_argument("--timing-log-level", type=int, default=0,
@@ -215,17 +267,26 @@ def _architecture_problems(a) -> list[str]:
         p.append("--apply-query-key-layer-scaling is not supported; drop it")
     if a.fp16:
         p.append("--fp16 is not supported; use --bf16 (or fp32, the default)")
-    if a.pipeline_model_parallel_size != 1:
-        p.append("--pipeline-model-parallel-size must be 1 (use TP and ZeRO-3 instead)")
-    if a.tokenizer_type not in TOKENIZER_TYPES:
-        p.append(f"--tokenizer-type {a.tokenizer_type} is not one of {', '.join(TOKENIZER_TYPES)}")
     return p
 
 
-def _tokenizer_facts(path: Optional[str]) -> tuple[Optional[int], Optional[int]]:
-    """(vocab size, eos id) of a SentencePiece model, or (None, None) without one."""
-    if not path:
+def _tokenizer_facts(kind: str, path: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """(vocab size, eos id) of the tokenizer, or (None, None) without one.
+
+    The same type names as ``tools/preprocess_data.py`` (one table, text_tokenizer.py).
+    """
+    if not path or kind == "null":
         return None, None
+    if kind == "hf":
+        if not os.path.isdir(path):
+            raise ConfigError(f"--tokenizer-model {path} is not a folder; HuggingFaceTokenizer "
+                              f"needs an HF tokenizer folder")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        return len(tok), tok.eos_token_id
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
+        path = os.path.join(path, "tokenizer.model")
     from megatron_sat.tools.cli import ToolError
     from megatron_sat.tools.file_checks import check_sentencepiece
 
@@ -237,19 +298,43 @@ def _tokenizer_facts(path: Optional[str]) -> tuple[Optional[int], Optional[int]]
 
 
 def _checkpoint_shape(a) -> Optional[dict]:
-    """The ``--load`` checkpoint's architecture (from its meta.json), or None."""
+    """The ``--load`` checkpoint's architecture (from its meta.json), or None.
+
+    The one place the shape is read from a checkpoint: the same folder resolution
+    (``latest``, ``--ckpt-step``, the ``--load == --save`` restart idiom) as the load itself.
+    """
     from megatron_sat.training.resume import checkpoint_meta, resolve_load
 
-    it_dir = resolve_load(a.load, a.save, a.ckpt_step, a.finetune or a.no_load_optim)
-    return checkpoint_meta(it_dir)["shape"] if it_dir else None
+    it_dir = resolve_load(a.load, a.save, a.ckpt_step, a.finetune)
+    if it_dir is None:
+        if a.use_checkpoint_args:
+            raise ConfigError(f"--use-checkpoint-args: no megatron-sat checkpoint in --load "
+                              f"{a.load}; convert HF weights there first or give the shape flags")
+        return None
+    return dict(checkpoint_meta(it_dir)["shape"])
 
 
 CORE_SHAPE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
               "num_query_groups")
 
 
-def _shape_from_args(a, tokenizer_vocab: Optional[int],
-                     ckpt_shape: Optional[dict] = None) -> LlamaShape:
+def _shape_from_args(a, tokenizer_vocab: Optional[int], ckpt_shape: Optional[dict] = None,
+                     notes: Optional[list] = None) -> LlamaShape:
+    """The model shape: flags over ``--model`` over the ``--load`` checkpoint's shape, except
+    with ``--use-checkpoint-args``, where the checkpoint wins over every flag (Megatron)."""
+    notes = [] if notes is None else notes
+    shape_flags = [n for n in SHAPE_FLAGS + ("num_query_groups", "num_key_value_heads",
+                                             "rotary_base", "norm_epsilon")
+                   if getattr(a, n) is not None]
+    if ckpt_shape and a.use_checkpoint_args:
+        notes.append(f"model shape from the checkpoint in --load {a.load}"
+                     + (f" (over the flags {', '.join(shape_flags)})" if shape_flags else ""))
+        try:
+            return LlamaShape.from_dict(ckpt_shape)
+        except ValueError as e:
+            raise ConfigError(f"--load {a.load}: bad shape in meta.json ({e})") from None
+    if ckpt_shape and not a.model and not shape_flags:
+        notes.append(f"model shape from the checkpoint in --load {a.load}")
     base = PRESETS[a.model].to_dict() if a.model else {}
     # A checkpoint's architecture is the default: every field not set by a flag (and the
     # core shape unless --model names one, which must then match) comes from it.
@@ -284,7 +369,7 @@ def _shape_from_args(a, tokenizer_vocab: Optional[int],
     missing = [n for n in ("num_layers", "hidden_size", "ffn_hidden_size",
                            "num_attention_heads") if n not in base]
     if missing:
-        raise ConfigError("model shape incomplete: give --model PRESET or "
+        raise ConfigError("model shape incomplete: give --model PRESET, --load a checkpoint, or "
                           + ", ".join("--" + m.replace("_", "-") for m in missing))
     base.setdefault("max_position_embeddings", max(a.seq_length, 4096))
     try:
@@ -316,14 +401,18 @@ def _blend(tokens: Sequence[str]) -> tuple:
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None
                ) -> TrainConfig:
     """Parse flags into a validated :class:`TrainConfig`; raises :class:`ConfigError`."""
-    a = build_parser().parse_args(argv)
-    problems = _architecture_problems(a)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    notes, compat_problems = apply_compat(a, parser.compat_only)
+    problems = compat_problems + _architecture_problems(a)
     if problems:
         raise ConfigError("; ".join(problems))
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tok_vocab, eos = _tokenizer_facts(a.tokenizer_model)
-    shape = _shape_from_args(a, tok_vocab, _checkpoint_shape(a))
+        from megatron_sat.training.launch_env import discover_world
+
+        world_size = discover_world().world_size
+    tok_vocab, eos = _tokenizer_facts(tokenizer_kind(a.tokenizer_type), a.tokenizer_model)
+    shape = _shape_from_args(a, tok_vocab, _checkpoint_shape(a), notes)
     parallel = ParallelConfig(a.tensor_model_parallel_size, world_size)
     perf = _performance_from_args(a, a.tensor_model_parallel_size, shape.num_layers)
     import torch
@@ -342,18 +431,42 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         raise ConfigError("--inject-nan-iters must be comma-separated integers") from None
     return TrainConfig(
         shape=shape, parallel=parallel, batch=batch,
-        optimizer=OptimizerConfig(a.lr, a.min_lr, a.lr_decay_style, a.lr_warmup_iters,
-                                  a.lr_decay_iters, a.weight_decay, a.adam_beta1,
-                                  a.adam_beta2, a.adam_eps, a.clip_grad),
+        optimizer=_optimizer_config(a),
         data=DataConfig(_blend(a.data_path), a.split, a.data_cache_path, a.tokenizer_type,
-                        a.tokenizer_model, 2 if eos is None or eos < 0 else eos),
+                        a.tokenizer_model, 2 if eos is None or eos < 0 else eos,
+                        eod_mask_loss=a.eod_mask_loss, mock=a.mock_data),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.finetune,
                                     a.no_load_optim, a.no_load_rng, a.ckpt_step,
                                     a.overwrite_save, a.keep_last_n_checkpoints),
         logging=LoggingConfig(a.log_interval, a.eval_interval, a.eval_iters,
-                              a.tensorboard_dir, metrics, a.peak_tflops),
+                              a.tensorboard_dir, metrics, a.peak_tflops,
+                              wandb_project=a.wandb_project, wandb_exp_name=a.wandb_exp_name,
+                              wandb_save_dir=a.wandb_save_dir, wandb_entity=a.wandb_entity),
         engine=EngineConfig(a.zero_stage, a.deepspeed_config, a.bf16),
         sat=sat, train_iters=a.train_iters, seed=a.seed, init_method_std=a.init_method_std,
         max_skipped_iters=a.max_skipped_iters, inject_nan_iters=nan_iters,
-        exit_interval=a.exit_interval, perf=perf,
+        exit_interval=a.exit_interval, notes=tuple(notes), perf=perf,
     )
+
+
+def _optimizer_config(a) -> OptimizerConfig:
+    """Megatron's warm-up resolution: ``--lr-warmup-fraction`` of the decay span."""
+    decay_iters = a.lr_decay_iters or a.train_iters
+    warmup = a.lr_warmup_iters
+    if a.lr_warmup_fraction is not None:
+        if a.lr_warmup_iters:
+            raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters both given; keep one")
+        if not 0.0 <= a.lr_warmup_fraction < 1.0:
+            raise ConfigError(f"--lr-warmup-fraction {a.lr_warmup_fraction} must be in [0, 1)")
+        warmup = int(a.lr_warmup_fraction * decay_iters)
+    wd = (a.weight_decay, a.weight_decay)
+    if a.start_weight_decay is not None or a.end_weight_decay is not None:
+        if a.start_weight_decay is None or a.end_weight_decay is None:
+            raise ConfigError("--start-weight-decay and --end-weight-decay go together")
+        wd = (a.start_weight_decay, a.end_weight_decay)
+    return OptimizerConfig(a.lr, a.min_lr, a.lr_decay_style, warmup, a.lr_decay_iters,
+                           a.weight_decay, a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad,
+                           lr_warmup_init=a.lr_warmup_init, wsd_decay_iters=a.lr_wsd_decay_iters,
+                           wsd_decay_style=a.lr_wsd_decay_style, start_weight_decay=wd[0],
+                           end_weight_decay=wd[1], weight_decay_incr_style=(
+                               "constant" if wd[0] == wd[1] else a.weight_decay_incr_style))

@@ -247,6 +247,23 @@ def save_checkpoint(engine, cfg: TrainConfig, state: TrainState) -> str:
         if zero3 and ps.get_data_parallel_rank() == 0:
             write_rank_file(tmp, ps.get_tensor_model_parallel_rank(), weights, cfg.shape, tp,
                             iteration=state.iteration)
+    except Exception as exc:  # noqa: BLE001 - reported as one line below
+        error = exc
+    # ZeRO-3 only: DeepSpeed's per-parameter padded partitions are not re-shardable, so the
+    # full optimizer state per TP rank goes to optim/ (reshard.py; ZeRO 0-2 are re-sharded
+    # from DeepSpeed's own files). Collective over DP: every rank takes part, even after
+    # an error.
+    from megatron_sat.training.reshard import needs_full_copy, save_full_state
+
+    if needs_full_copy(engine):
+        try:
+            save_full_state(engine, tmp, ps.get_tensor_model_parallel_rank(),
+                            ps.get_data_parallel_rank(), write=error is None)
+        except Exception as exc:  # noqa: BLE001
+            error = error or exc
+    try:
+        if error is not None:
+            raise error
         torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     except Exception as exc:  # noqa: BLE001 - reported as one line below
         error = exc

@@ -76,7 +76,7 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warm-up then cosine/linear/constant decay to ``min_lr``."""
+    """AdamW, driven by megatron-core's ``OptimizerParamScheduler`` (see lr_schedule.py)."""
 
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -88,12 +88,29 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    lr_warmup_init: float = 0.0
+    wsd_decay_iters: Optional[int] = None
+    wsd_decay_style: str = "exponential"
+    start_weight_decay: Optional[float] = None  # None: --weight-decay throughout
+    end_weight_decay: Optional[float] = None
+    weight_decay_incr_style: str = "constant"
 
     def __post_init__(self):
         p = []
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            p.append(f"--lr-decay-style {self.lr_decay_style!r} is not one of cosine, linear, "
-                     f"constant")
+        styles = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
+        if self.lr_decay_style not in styles:
+            p.append(f"--lr-decay-style {self.lr_decay_style!r} is not one of "
+                     f"{', '.join(styles)}")
+        if self.lr_decay_style == "WSD" and not self.wsd_decay_iters:
+            p.append("--lr-decay-style WSD needs --lr-wsd-decay-iters N (the annealing phase)")
+        if not 0.0 <= self.lr_warmup_init <= self.lr:
+            p.append(f"--lr-warmup-init {self.lr_warmup_init} must be in [0, --lr {self.lr}]")
+        wd = (self.start_weight_decay, self.end_weight_decay)
+        if None not in wd and wd[0] != wd[1] and self.weight_decay_incr_style == "constant":
+            p.append("--start-weight-decay differs from --end-weight-decay; give "
+                     "--weight-decay-incr-style linear or cosine")
+        if None not in wd and wd[1] < wd[0]:
+            p.append("--end-weight-decay must be >= --start-weight-decay")
         if not 0.0 <= self.min_lr <= self.lr:
             p.append(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.lr_warmup_iters < 0 or self.lr_decay_iters < 0:
@@ -115,10 +132,14 @@ class DataConfig:
     tokenizer_type: str = "SentencePieceTokenizer"
     tokenizer_model: Optional[str] = None
     eod_id: int = 2
+    eod_mask_loss: bool = False  # no loss on EOD tokens (Megatron's --eod-mask-loss)
+    mock: bool = False  # megatron-core's MockGPTDataset (--mock-data)
 
     def __post_init__(self):
         p = []
-        if not self.blend:
+        if self.mock and self.blend:
+            p.append("--mock-data and --data-path both given; keep one")
+        if not self.blend and not self.mock:
             p.append("--data-path is required: give one or more Megatron .bin/.idx prefixes "
                      "(make them with tools/preprocess_data.py)")
         parts = [x for x in self.split.replace("/", ",").split(",") if x.strip()]
@@ -139,7 +160,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     save_interval: int = 0
     finetune: bool = False  # load weights only; start at iteration 0
-    no_load_optim: bool = False  # load weights only
+    no_load_optim: bool = False  # weights + iteration + data position, fresh optimizer
     no_load_rng: bool = False
     ckpt_step: Optional[int] = None  # load this iteration instead of 'latest'
     overwrite_save: bool = False  # a new run may replace the run held in --save
@@ -161,6 +182,7 @@ class CheckpointConfig:
 
     @property
     def weights_only(self) -> bool:
+        """No DeepSpeed state is read: --finetune (fresh start) or --no-load-optim."""
         return self.finetune or self.no_load_optim
 
 
@@ -174,6 +196,10 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     metrics_file: Optional[str] = None
     peak_tflops: Optional[float] = None
+    wandb_project: Optional[str] = None  # W&B logging when set (needs the wandb package)
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    wandb_entity: Optional[str] = None
 
     def __post_init__(self):
         p = []
@@ -290,6 +316,7 @@ class TrainConfig:
     max_skipped_iters: int = 10
     exit_interval: int = 0  # stop (with a checkpoint) once the iteration is a multiple
     inject_nan_iters: tuple = field(default_factory=tuple)  # fault injection for tests
+    notes: tuple = ()  # what compatibility flags mean here, printed at start-up
     perf: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def __post_init__(self):

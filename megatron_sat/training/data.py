@@ -91,31 +91,31 @@ def build_datasets(cfg: DataConfig, batch: BatchConfig, vocab_size: int, train_i
     """Build the train/valid splits on every rank (rank 0 builds the index caches first)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import \
         BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     check_prefixes(cfg, batch.seq_length)
     check_splits(cfg)
     logging.getLogger("megatron.core.datasets").setLevel(logging.WARNING)
     prefixes = [p for _, p in cfg.blend]
-    weights = None if cfg.blend[0][0] is None else [w for w, _ in cfg.blend]
+    weights = None if not cfg.blend or cfg.blend[0][0] is None else [w for w, _ in cfg.blend]
     if cfg.data_cache_path:
         os.makedirs(cfg.data_cache_path, exist_ok=True)
     ds_config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=batch.seq_length,
-        blend=(prefixes, weights),
+        blend=None if cfg.mock else (prefixes, weights),
         split=cfg.split,
         path_to_cache=cfg.data_cache_path,
         tokenizer=TokenizerInfo(vocab_size, cfg.eod_id),
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=cfg.eod_mask_loss,
         create_attention_mask=False,
     )
     gbs = batch.global_batch_size
     sizes = [train_iters * gbs, max(eval_iters, 1) * gbs, max(eval_iters, 1) * gbs]
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, ds_config).build()
+        MockGPTDataset if cfg.mock else GPTDataset, sizes, lambda: True, ds_config).build()
     if train is None or len(train) == 0:
         raise ConfigError(f"--split {cfg.split} leaves no training data; give the train split "
                           f"a positive weight")

@@ -13,8 +13,9 @@ Why these choices:
   all-reduce op (``deepspeed_shm_comm``, ~90 s on 2 cores) at start-up. Plain gloo
   collectives work without it, so we mark the op unavailable unless
   ``MEGATRON_SAT_DS_SHM=1`` asks for it.
-* The learning rate is set by the training loop from :func:`lr_at`, not by a DeepSpeed
-  scheduler, so resume needs no scheduler state.
+* The learning rate and weight decay are set by the training loop through
+  :class:`~megatron_sat.training.lr_schedule.LRSchedule` (megatron-core's scheduler), not
+  by a DeepSpeed scheduler, so resume needs no scheduler state.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> SkippableAdamW:
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     o = cfg.optimizer
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": o.weight_decay, "wd_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
     kwargs = {"fused": True} if torch.cuda.is_available() else {}
     return SkippableAdamW([g for g in groups if g["params"]], lr=o.lr,
                           betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **kwargs)
@@ -139,6 +140,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, mpu):
     return engine, optimizer
 
 
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+def param_groups(engine) -> list:
+    """The optimizer groups DeepSpeed steps with (its ZeRO wrapper exposes the base ones)."""
+    return engine.optimizer.param_groups

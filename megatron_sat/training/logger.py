@@ -7,11 +7,20 @@ it reports "dense-equivalent tokens/s" = executed FLOP/s ÷ dense FLOPs per toke
 tokens/s a dense run would reach at this FLOP rate, so SAT and dense runs compare on one
 axis (tokens/s ÷ dense-equivalent tokens/s is the gain from skipped work).
 
+The line starts exactly as Megatron-LM's ``training_log`` writes it (timestamp, iteration,
+consumed samples, ms per iteration, TFLOP/s per GPU, learning rate, global batch size,
+lm loss, loss scale, grad norm, number of skipped / nan iterations in the interval), and
+TensorBoard gets Megatron's tag names (``lm loss``, ``learning-rate``, ``grad-norm``,
+``lm loss validation``, each also ``... vs samples``), so public Megatron log parsers and
+dashboards read SAT runs and overlay them on dense baselines. The SAT extras follow after
+Megatron's fields (line) or under ``sat/*`` and ``throughput/*`` (TensorBoard).
+
 Only rank 0 writes; callers pass values already reduced over the data-parallel group.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -35,6 +44,8 @@ class _Window:
     first: Optional[int] = None
     last: Optional[int] = None
     rates: tuple = (0.0, 0.0)
+    skipped: int = 0  # iterations whose optimizer step was skipped
+    nan: int = 0  # iterations with a NaN/inf loss (here: the same ones, they are skipped)
     hw_flops: float = 0.0  # model FLOPs plus recomputed forward FLOPs (HFU)
     split: dict = field(default_factory=dict)  # --timing-log-level: seconds per phase
 
@@ -80,6 +91,7 @@ class ThroughputLogger:
     tensorboard_dir: Optional[str] = None
     metrics_file: Optional[str] = None
     peak_tflops: Optional[float] = None
+    wandb: Optional[dict] = None  # wandb.init kwargs (project, name, dir, entity)
     window: _Window = field(default_factory=_Window)
     phases: dict = field(default_factory=dict)
     total: _Window = field(default_factory=_Window)
@@ -90,7 +102,7 @@ class ThroughputLogger:
     excluded_total: dict = field(default_factory=dict)  # eval / checkpoint seconds
 
     def __post_init__(self):
-        self._tb = self._jsonl = None
+        self._tb = self._jsonl = self._wandb = None
         self.dense_flops_per_token = train_flops_per_token(self.shape, self.seq_length, DENSE,
                                                            self.tp)
         if not self.is_writer:
@@ -102,6 +114,17 @@ class ThroughputLogger:
         if self.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
             self._jsonl = open(self.metrics_file, "a", buffering=1)
+        if self.wandb:
+            from megatron_sat.training.configs import ConfigError
+
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("--wandb-project needs the wandb package: pip install wandb "
+                                  "(or drop --wandb-project)") from None
+            if self.wandb.get("dir"):
+                os.makedirs(self.wandb["dir"], exist_ok=True)
+            self._wandb = wandb.init(**{k: v for k, v in self.wandb.items() if v is not None})
 
     # -- accumulation -------------------------------------------------------------------
     def record(self, rec: IterationRecord) -> None:
@@ -115,6 +138,8 @@ class ThroughputLogger:
         if rec.split is not None and rec.cpu_seconds is not None:
             split["cpu"] = rec.cpu_seconds  # logged as time_cpu_ms: robust to other jobs
         self.window.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, split)
+        self.window.skipped += int(rec.skipped)
+        self.window.nan += int(rec.skipped)
         if rec.timed:
             self.total.add(rec.iteration, rec.seconds, tokens, flops, rec.rates, hw, rec.split)
             self.phases.setdefault(rec.phase, _Window()).add(rec.iteration, rec.seconds,
@@ -158,6 +183,7 @@ class ThroughputLogger:
                   "lr": rec.lr, "global_batch_size": self.global_batch_size,
                   "lm_loss": lm_loss, "grad_norm": rec.grad_norm,
                   "skipped_iters": self.skipped_total,
+                  "skipped_in_interval": w.skipped, "nan_in_interval": w.nan,
                   "attn_omission_rate": rec.rates[0], "mlp_omission_rate": rec.rates[1],
                   "kept_attn_q": rec.kept.attn_q, "kept_attn_kv": rec.kept.attn_kv,
                   "kept_mlp": rec.kept.mlp, **self._rates(w)}
@@ -177,16 +203,21 @@ class ThroughputLogger:
         def num(x, fmt):
             return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt % x
 
-        return " | ".join([
-            f" iteration {v['iteration']:8d}/{v['train_iters']:8d}",
-            f"consumed samples: {v['consumed_samples']:10d}",
-            f"consumed tokens: {v['consumed_tokens']:12d}",
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        return " | ".join([  # Megatron-LM's fields first, in its order and format
+            f" [{stamp}] iteration {v['iteration']:8d}/{v['train_iters']:8d}",
+            f"consumed samples: {v['consumed_samples']:12d}",
             f"elapsed time per iteration (ms): {v['ms_per_iter']:.1f}",
-            f"learning rate: {v['lr']:.3E}",
+            f"throughput per GPU (TFLOP/s/GPU): {v['tflops_per_gpu']:.1f}",
+            f"learning rate: {v['lr']:.6E}",
             f"global batch size: {v['global_batch_size']:5d}",
             f"lm loss: {num(v['lm_loss'], '%.6E')}",
+            "loss scale: 1.0",
             f"grad norm: {num(v['grad_norm'], '%.3f')}",
-            f"skipped iterations: {v['skipped_iters']:3d}",
+            f"number of skipped iterations: {v['skipped_in_interval']:3d}",
+            f"number of nan iterations: {v['nan_in_interval']:3d}",
+            # SAT extras
+            f"consumed tokens: {v['consumed_tokens']:12d}",
             f"samples per second: {v['samples_per_sec']:.3f}",
             f"tokens per second: {v['tokens_per_sec']:.1f}",
             f"tokens per GPU per second: {v['tokens_per_sec_per_gpu']:.1f}",
@@ -206,26 +237,25 @@ class ThroughputLogger:
         if self.is_writer and self._jsonl:
             self._jsonl.write(json.dumps({"kind": "run", **info}) + "\n")
 
-    def log_eval(self, iteration: int, lm_loss: float) -> None:
+    def log_eval(self, iteration: int, lm_loss: float, consumed_samples: int = 0) -> None:
         if not self.is_writer:
             return
-        ppl = math.exp(min(lm_loss, 50.0))
-        print(f" validation loss at iteration {iteration} | lm loss: {lm_loss:.6E} | "
-              f"lm loss PPL: {ppl:.3f} |", flush=True)
-        self._write("valid", {"iteration": iteration, "lm_loss": lm_loss, "lm_loss_ppl": ppl})
+        ppl = math.exp(min(lm_loss, 20.0))  # Megatron clips the exponent at 20
+        print(f" validation loss at iteration {iteration} | lm loss value: {lm_loss:.6E} | "
+              f"lm loss PPL: {ppl:.6E} |", flush=True)
+        self._write("valid", {"iteration": iteration, "consumed_samples": consumed_samples,
+                              "lm_loss": lm_loss, "lm_loss_ppl": ppl})
 
     def _write(self, kind: str, values: dict) -> None:
         if self._jsonl:
             self._jsonl.write(json.dumps({"kind": kind, **values}) + "\n")
+        scalars = megatron_scalars(kind, values)
         if self._tb:
-            it = values["iteration"]
-            for k, v in values.items():
-                if k in ("iteration", "train_iters") or v is None:
-                    continue
-                group = "throughput" if k in _THROUGHPUT_KEYS else \
-                    "timers" if k.startswith("time_") else \
-                    "sat" if "omission" in k or k.startswith("kept") else kind
-                self._tb.add_scalar(f"{group}/{k}", v, it)
+            for tag, (v, step) in scalars.items():
+                self._tb.add_scalar(tag, v, step)
+        if self._wandb:
+            self._wandb.log({tag: v for tag, (v, _) in scalars.items()
+                             if not tag.endswith(" vs samples")}, step=values["iteration"])
 
     def summary(self, final_train_loss: Optional[float],
                 final_valid_loss: Optional[float]) -> dict:
@@ -264,6 +294,41 @@ class ThroughputLogger:
             self._tb.close()
         if self._jsonl:
             self._jsonl.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+# Megatron-LM's TensorBoard tags: ours -> theirs (each also written "vs samples").
+MEGATRON_TRAIN_TAGS = {"lm_loss": "lm loss", "lr": "learning-rate", "grad_norm": "grad-norm",
+                       "global_batch_size": "batch-size"}
+MEGATRON_VALID_TAGS = {"lm_loss": "lm loss validation", "lm_loss_ppl": "lm loss validation ppl"}
+
+
+def megatron_scalars(kind: str, values: dict) -> dict:
+    """``{tag: (value, step)}``: Megatron's tags (by iteration and by consumed samples)
+    plus the SAT extras under ``throughput/*`` and ``sat/*``."""
+    it, samples = values["iteration"], values.get("consumed_samples", 0)
+    names = MEGATRON_TRAIN_TAGS if kind == "train" else MEGATRON_VALID_TAGS
+    out = {}
+    for k, v in values.items():
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if k in names:
+            out[names[k]] = (v, it)
+            out[names[k] + " vs samples"] = (v, samples)
+        elif kind == "train" and k == "ms_per_iter":
+            out["iteration-time"] = (v / 1000.0, it)
+        elif kind == "train" and k in _THROUGHPUT_KEYS:
+            out[f"throughput/{k}"] = (v, it)
+        elif kind == "train" and ("omission" in k or k.startswith("kept")):
+            out[f"sat/{k}"] = (v, it)
+        elif kind == "train" and k.startswith("time_") and k.endswith("_ms") \
+                and k[5:-3] in MEGATRON_TIMER_NAMES:  # Megatron's timers.write: seconds
+            out[f"{MEGATRON_TIMER_NAMES[k[5:-3]]}-time"] = (v / 1000.0, it)
+    if kind == "train":
+        out["loss-scale"] = (1.0, it)
+        out["loss-scale vs samples"] = (1.0, samples)
+    return out
 
 
 _THROUGHPUT_KEYS = {"ms_per_iter", "samples_per_sec", "tokens_per_sec", "tokens_per_sec_per_gpu",
@@ -281,14 +346,29 @@ def _hfu_text(v: dict) -> str:
     return out
 
 
+# Megatron-LM's timer names for the --timing-log-level phases (its ``timers.log`` block and
+# its ``<name>-time`` TensorBoard tags); SAT selection has no Megatron counterpart.
+MEGATRON_TIMER_NAMES = {"data": "batch-generator", "forward": "forward-compute",
+                        "sat_selection": "sat-selection", "backward": "backward-compute",
+                        "optimizer": "optimizer", "cpu": "cpu-process",
+                        "eval": "evaluate", "checkpoint": "save-checkpoint"}
+
+
+def _timer_rows(v: dict, keys) -> list:
+    return [f"    {MEGATRON_TIMER_NAMES[k] + ' ':.<48}: {v[f'time_{k}_ms']:.2f}" for k in keys
+            if f"time_{k}_ms" in v]
+
+
 def _timing_text(v: dict) -> str:
-    """The ``--timing-log-level`` part of the log line ('' when timing is off)."""
+    """The ``--timing-log-level`` block after the line ('' when timing is off), laid out
+    as Megatron's ``timers.log``: one dotted row per timer, in ms. Rank 0's times (the
+    loop does not reduce them over ranks, so no "(min, max) across ranks" is claimed)."""
     from megatron_sat.training.timers import EXCLUDED_KEYS, SPLIT_KEYS
 
-    parts = [f"{k.replace('_', ' ')}: {v[f'time_{k}_ms']:.1f}" for k in SPLIT_KEYS
-             if f"time_{k}_ms" in v]
-    if not parts:
+    rows = _timer_rows(v, SPLIT_KEYS + ("cpu",))
+    if not rows:
         return ""
-    out = " time per iteration (ms): " + ", ".join(parts) + " |"
-    excl = [f"{k}: {v[f'time_{k}_ms']:.1f}" for k in EXCLUDED_KEYS if f"time_{k}_ms" in v]
-    return out + " not in tokens/s (ms): " + ", ".join(excl) + " |" if excl else out
+    out = "\n(rank 0) time per iteration (ms), mean over the interval:\n" + "\n".join(rows)
+    excl = _timer_rows(v, EXCLUDED_KEYS)
+    return out + ("\n(rank 0) time not in tokens/s (ms), total since the last line:\n"
+                  + "\n".join(excl) if excl else "")

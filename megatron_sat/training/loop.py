@@ -10,7 +10,6 @@ NaN/inf loss" and "SIGTERM arrived", so all ranks skip, save and stop together.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from typing import Optional
@@ -19,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_sat.training import checkpointing as ckpt
-from megatron_sat.training.configs import ConfigError, TrainConfig
+from megatron_sat.training.configs import TrainConfig
 from megatron_sat.training.data import (MicroBatchReader, build_datasets, check_prefixes,
                                          check_splits)
-from megatron_sat.training.engine import build_engine, set_lr
+from megatron_sat.training.engine import build_engine, deepspeed_config, param_groups
 from megatron_sat.training.flops import KeptFractions, Recompute, peak_tflops_for_device
 from megatron_sat.training.logger import IterationRecord, ThroughputLogger
-from megatron_sat.training.lr_schedule import lr_at
+from megatron_sat.training.lr_schedule import LRSchedule
+from megatron_sat.training.reshard import load_full_state, needs_reshard, state_from_header
 from megatron_sat.training.timers import EXCLUDED_KEYS, SPLIT_KEYS, IterationTimers
 
 
@@ -151,7 +151,7 @@ def _setup_model(cfg: TrainConfig):
     from megatron_sat.training import resume
 
     c, tp = cfg.checkpoint, cfg.parallel.tensor_model_parallel_size
-    it_dir = resume.resolve_load(c.load, c.save, c.ckpt_step, c.weights_only)
+    it_dir = resume.resolve_load(c.load, c.save, c.ckpt_step, c.finetune)
     if c.load and it_dir is None:
         _print0(f" --load {c.load} (= --save) holds no checkpoint yet; starting from scratch")
     meta = resume.checkpoint_meta(it_dir) if it_dir else None
@@ -166,20 +166,49 @@ def _setup_model(cfg: TrainConfig):
                             init_method_std=cfg.init_method_std,
                             attention_backend=_attention_backend(cfg),
                             **cfg.perf.model_settings())
-    if it_dir and c.weights_only:
+    zero = deepspeed_config(cfg)["zero_optimization"]["stage"]
+    # Resume at another DP size or ZeRO stage: weights first, the optimizer state after,
+    # re-sharded from the checkpoint's full copy (reshard.py).
+    reshard = bool(it_dir and not c.weights_only
+                   and needs_reshard(meta, cfg.parallel.data_parallel_size, zero))
+    if it_dir and (c.weights_only or reshard):
         resume.load_weights(model, it_dir, meta, tp_rank)
-        _print0(f" loaded weights from {it_dir} (optimizer and step not loaded)")
     engine, optimizer = build_engine(model, cfg, MPU())
     state = ckpt.TrainState()
-    if it_dir and not c.weights_only:
+    if it_dir and c.finetune:
+        _print0(f" loaded weights from {it_dir} (--finetune: optimizer, step and RNG not loaded)")
+    elif it_dir and (c.no_load_optim or reshard):
+        # Megatron's meaning: weights, iteration and data position; the optimizer only when
+        # re-sharding it from the full state; RNG unless --no-load-rng.
+        if reshard and not c.no_load_optim:
+            load_full_state(engine, it_dir, tp_rank, meta)
+        state = ckpt.TrainState(**state_from_header(meta))
+        if not c.no_load_rng:
+            resume.load_rng(it_dir)
+        what = "--no-load-optim: optimizer not loaded" if c.no_load_optim else \
+            f"optimizer re-sharded from DP={meta['world_size'] // meta['tp']} ZeRO-" \
+            f"{meta.get('zero_stage')} to DP={cfg.parallel.data_parallel_size} ZeRO-{zero}"
+        _print0(f" loaded weights from {it_dir} at iteration {state.iteration} ({what})")
+    elif it_dir:
         state = resume.load_full(engine, it_dir, meta, restore_rng=not c.no_load_rng)
         _print0(f" resumed from {it_dir} at iteration {state.iteration}")
-    state.lineage = resume.lineage_for(cfg, meta, resumed=bool(it_dir and not c.weights_only))
+    state.lineage = resume.lineage_for(cfg, meta, resumed=bool(it_dir and not c.finetune))
     return engine, optimizer, state
 
 
 def _attention_backend(cfg: TrainConfig) -> str:
     return cfg.perf.resolved_backend(_device().type, cfg.engine.bf16)
+
+
+def _wandb_kwargs(cfg: TrainConfig) -> Optional[dict]:
+    lg = cfg.logging
+    if not lg.wandb_project:
+        return None
+    return {"project": lg.wandb_project, "name": lg.wandb_exp_name, "dir": lg.wandb_save_dir,
+            "entity": lg.wandb_entity,
+            "config": {"shape": cfg.shape.to_dict(), "sat": cfg.sat.to_dict() if cfg.sat else None,
+                       "global_batch_size": cfg.batch.global_batch_size,
+                       "seq_length": cfg.batch.seq_length, "lr": cfg.optimizer.lr}}
 
 
 def pretrain(cfg: TrainConfig) -> dict:
@@ -202,7 +231,7 @@ def pretrain(cfg: TrainConfig) -> dict:
         cfg.shape, cfg.batch.seq_length, cfg.batch.global_batch_size, cfg.train_iters,
         dist.get_world_size(), cfg.parallel.tensor_model_parallel_size,
         is_writer=dist.get_rank() == 0, tensorboard_dir=lg.tensorboard_dir,
-        metrics_file=lg.metrics_file,
+        metrics_file=lg.metrics_file, wandb=_wandb_kwargs(cfg),
         peak_tflops=lg.peak_tflops or peak_tflops_for_device(device_name),
         recompute=Recompute(cfg.perf.recompute_granularity, cfg.perf.recompute_method,
                             cfg.perf.recompute_num_layers))
@@ -244,6 +273,7 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
     loss_sum, loss_count, consecutive, first = 0.0, 0, 0, True
     last_train_loss = valid_loss = None
     saved_at = evaluated_at = None
+    schedule = LRSchedule(cfg.optimizer, cfg.train_iters, param_groups(engine))
 
     def save(reason: str):
         nonlocal saved_at
@@ -259,13 +289,12 @@ def _run(cfg, engine, optimizer, state, train_reader, valid_reader, logger, stop
             with timers("eval"):
                 valid_loss = evaluate(engine, valid_reader, cfg)
             evaluated_at = state.iteration
-            logger.log_eval(state.iteration, valid_loss)
+            logger.log_eval(state.iteration, valid_loss, state.consumed_samples)
 
     while state.iteration < cfg.train_iters:
         it = state.iteration
         rates = set_sat_iteration(engine.module, it) if cfg.sat else (0.0, 0.0)
-        lr = lr_at(cfg.optimizer, it, cfg.train_iters)
-        set_lr(engine, lr)
+        lr = schedule.apply(it)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()

@@ -2,7 +2,7 @@
 
 Why a wrapper: user mistakes (bad flags, missing data, a checkpoint of another shape)
 must end as one line naming the problem and the fix, not as a traceback from deep inside
-DeepSpeed, and must do so on every launcher (deepspeed, torchrun, plain python).
+DeepSpeed, and must do so on every launcher (deepspeed, torchrun, mpirun, srun, python).
 """
 
 from __future__ import annotations
@@ -29,9 +29,15 @@ def _set_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
+def _prog() -> str:
+    """The name the user typed: the console script, else the Megatron-style root script."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("megatron-sat") else "pretrain_llama.py"
+
+
 def _error(msg: str, code: int) -> int:
     if os.environ.get("RANK", "0") == "0":
-        print(f"pretrain_llama.py: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{_prog()}: error: {msg}", file=sys.stderr, flush=True)
     return code
 
 
@@ -55,16 +61,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_sat.training.configs import ConfigError
     from megatron_sat.training.loop import TrainingAborted
 
+    from megatron_sat.training.launch_env import discover_world, export_world
+
     try:
-        cfg = parse_args(argv)
+        # First, so RANK/LOCAL_WORLD_SIZE are known under mpirun/srun too (one error line).
+        world = discover_world()
+        export_world(world)
+        cfg = parse_args(argv, world_size=world.world_size)
         _preflight(cfg)
     except (ConfigError, ToolError) as e:
         return _error(str(e), 2)
+    if os.environ.get("RANK", "0") == "0":
+        for note in cfg.notes:
+            print(f" > {note}", flush=True)
     _set_cpu_threads()
     from megatron_sat.parallel import destroy_parallel, initialize_parallel
 
     try:
         initialize_parallel(cfg.parallel.tensor_model_parallel_size, cfg.seed)
+        if world.rank == 0:
+            print(f" > world of {world.world_size} processes ({world.launcher} launcher): "
+                  f"TP {cfg.parallel.tensor_model_parallel_size} x DP "
+                  f"{cfg.parallel.data_parallel_size}", flush=True)
         from megatron_sat.training.loop import pretrain
 
         pretrain(cfg)
@@ -77,3 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         destroy_parallel()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,7 +88,8 @@ def check_save_target(cfg: TrainConfig, it_dir: Optional[Path]) -> None:
     c = cfg.checkpoint
     if not c.save or not holds_checkpoint(c.save):
         return
-    resuming_here = it_dir is not None and not c.weights_only and _same(str(it_dir.parent), c.save)
+    # --no-load-optim continues the run (iteration, data position): resuming too
+    resuming_here = it_dir is not None and not c.finetune and _same(str(it_dir.parent), c.save)
     if resuming_here or c.overwrite_save:
         return
     latest = Path(c.save) / LATEST_FILE
@@ -103,7 +104,7 @@ def clear_save_for_overwrite(cfg: TrainConfig, it_dir: Optional[Path]) -> None:
     c = cfg.checkpoint
     if not (c.overwrite_save and c.save and holds_checkpoint(c.save)):
         return
-    if it_dir is not None and _same(str(it_dir.parent), c.save) and not c.weights_only:
+    if it_dir is not None and _same(str(it_dir.parent), c.save) and not c.finetune:
         return  # resuming from it: nothing to overwrite
     if it_dir is not None and _same(str(it_dir.parent), c.save):
         raise ConfigError("--overwrite-save would delete the checkpoint being loaded; save "
@@ -149,7 +150,7 @@ def preflight_checkpoint(cfg: TrainConfig) -> None:
     """Before start-up: the checkpoint to load fits, every file it will read loads safely,
     and ``--save`` may be written (no process group needed; every rank runs it)."""
     c = cfg.checkpoint
-    it_dir = resolve_load(c.load, c.save, c.ckpt_step, c.weights_only)
+    it_dir = resolve_load(c.load, c.save, c.ckpt_step, c.finetune)
     check_save_target(cfg, it_dir)
     if it_dir is None:
         return
@@ -157,7 +158,7 @@ def preflight_checkpoint(cfg: TrainConfig) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
     check_compatible(it_dir, meta, cfg.shape, tp)
     try:
-        if c.weights_only:
+        if c.finetune:
             fix = f"the checkpoint is truncated or corrupt{others_hint(it_dir.parent, it_dir)}"
             for r in range(tp):
                 f, is_ds = weight_file(it_dir, meta, r)
@@ -207,14 +208,22 @@ def load_full(engine, it_dir: Path, meta: dict, restore_rng: bool) -> TrainState
                           f"--finetune to start from its weights alone")
     state = TrainState(int(meta["iteration"]), int(meta.get("consumed_samples", 0)),
                        int(meta.get("skipped_iters", 0)))
-    rng = it_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
-    if restore_rng and rng.is_file():
-        try:
-            set_rng_state(load_torch_file(rng, "RNG state", "re-save the checkpoint", mmap=False))
-        except (ToolError, KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"--load: RNG state '{rng}' is unusable ({exc}); pass "
-                              f"--no-load-rng to resume without it") from None
+    if restore_rng:
+        load_rng(it_dir)
     return state
+
+
+def load_rng(it_dir: Path) -> bool:
+    """This rank's RNG states from ``it_dir`` if it holds them (same world size)."""
+    rng = it_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if not rng.is_file():
+        return False
+    try:
+        set_rng_state(load_torch_file(rng, "RNG state", "re-save the checkpoint", mmap=False))
+    except (ToolError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--load: RNG state '{rng}' is unusable ({exc}); pass "
+                          f"--no-load-rng to resume without it") from None
+    return True
 
 
 def _breaks(key: str, cfg: TrainConfig) -> bool:
