@@ -20,7 +20,15 @@ TORCH_INDEX=()
 if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
   TORCH_INDEX=(--index-url "$TORCH_INDEX_URL")
 elif ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
-  TORCH_INDEX=(--index-url https://download.pytorch.org/whl/cpu)
+  CPU_INDEX=https://download.pytorch.org/whl/cpu
+  # Offline and mirrored sites cannot reach that index: probe it (5 s) and otherwise keep
+  # the configured index, which must then serve the CPU build (pip config / find-links).
+  if "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" \
+      "$CPU_INDEX" >/dev/null 2>&1; then
+    TORCH_INDEX=(--index-url "$CPU_INDEX")
+  else
+    echo "[bootstrap] the CPU torch index is unreachable; using the configured package index" >&2
+  fi
 fi
 "$VENV/bin/python" -m pip install -q "${TORCH_INDEX[@]}" "$(grep '^torch==' constraints.txt)" 2>&1 \
   | grep -v "is ignored" >&2 || true
