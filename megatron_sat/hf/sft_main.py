@@ -47,7 +47,7 @@ class DataArguments:
 def build_parser():
     from transformers import HfArgumentParser, TrainingArguments
 
-    from megatron_sat.training.arguments import add_sat_arguments
+    from megatron_sat.training.feature_arguments import add_sat_arguments
 
     class _Parser(HfArgumentParser):
         def error(self, message):
@@ -68,7 +68,7 @@ def parse(argv: Optional[Sequence[str]] = None):
     """``(model_args, data_args, training_args, extra)``; ``extra`` holds the ``--sat*``,
     ``--exit-interval`` and ``--sat-selections-file`` values.  Raises ConfigError."""
     from megatron_sat.hf.sft_data import SFTDataConfig
-    from megatron_sat.training.arguments import sat_config_from_args
+    from megatron_sat.training.feature_arguments import sat_config_from_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv) \
@@ -164,7 +164,7 @@ def run(model_args, data_args, training_args, sat_ns) -> dict:
     from transformers import AutoModelForCausalLM, Trainer
 
     from megatron_sat.hf.sft_data import SFTCollator, SFTDataConfig, load_sft_jsonl, pack_examples
-    from megatron_sat.training.arguments import sat_config_from_args
+    from megatron_sat.training.feature_arguments import sat_config_from_args
 
     rank0 = training_args.process_index == 0
     log = print if rank0 else None
