@@ -8,7 +8,7 @@ demo: setup
 	. .venv/bin/activate && bash examples/llama2/run_demo.sh
 
 test: setup
-	. .venv/bin/activate && OMP_NUM_THREADS=1 python -m pytest -q tests
+	. .venv/bin/activate && OMP_NUM_THREADS=1 python -m pytest -q --durations=15 tests
 
 bench: setup
 	. .venv/bin/activate && python benchmarks/throughput.py --preset tiny

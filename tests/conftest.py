@@ -24,3 +24,23 @@ def megatron_single():
 def _torch_threads():
     torch.set_num_threads(1)
     yield
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "ACCELERATE_USE_DEEPSPEED")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    """Undo distributed variables an in-process set-up (accelerate, DeepSpeed) leaves behind.
+
+    Otherwise every later subprocess a test starts would inherit a one-rank world on port
+    29500, and one hung trainer holding that port fails the rest of the suite.
+    """
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -35,7 +35,13 @@ class LaunchWorld:
 
     @property
     def multi_process(self) -> bool:
-        return self.launcher != "single"
+        """A rendezvous is needed only for two or more processes.
+
+        A world of one (``torchrun --nproc_per_node 1``, or distributed variables left in
+        the environment by a parent process) starts on a private store instead: it must
+        never listen on a shared ``MASTER_PORT`` that another job on the node may hold.
+        """
+        return self.world_size > 1
 
 
 def _int(env: Mapping[str, str], name: str) -> Optional[int]:
