@@ -11,12 +11,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def megatron_single():
-    """megatron-core parallel state for one process (TP=1, DP=1) on gloo."""
+    """megatron-core parallel state for one process (TP=1, DP=1) on gloo.
+
+    Set up once and reused; set up again only when an in-process entry point that a
+    test ran (``pretrain_llama`` ``main``, ``eval_ppl``) tore the groups down when it ended.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
     from megatron_sat.parallel import initialize_parallel
 
-    initialize_parallel(tensor_model_parallel_size=1, seed=1234)
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        initialize_parallel(tensor_model_parallel_size=1, seed=1234)
     yield
 
 
