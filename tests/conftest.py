@@ -34,7 +34,9 @@ def _torch_threads():
     yield
 
 
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+# LOCAL_RANK stays: the single-process set-up exports it for DeepSpeed, which reads it in
+# every later in-process engine, and without RANK/WORLD_SIZE it forms no world.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "ACCELERATE_USE_DEEPSPEED")
 
 
