@@ -147,8 +147,9 @@ class SATSelfAttention(SelfAttention):
         # normalised input of linear_qkv; x: [sq, b, h], scored on the full sequence.
         sp = self.config.sequence_parallel
         x = enter_tp_region(hidden_states, sp, self.tp_group)
-        kept_groups, kept_q = self.sat_select(x)
-        rows, cols = self.sat_indices(kept_groups, kept_q)
+        selection = self.sat_select(x)
+        kept_groups, kept_q = selection
+        rows, cols = self.sat_state.derived_indices(selection, lambda s: self.sat_indices(*s))
         g, k_q = kept_q.shape
         d = self.sat_head_dim
         qkv = ops.linear_rows(x, self.linear_qkv.weight, rows, self.linear_qkv.bias)

@@ -71,7 +71,8 @@ class SATMLP(MLP):
         sp = self.config.sequence_parallel
         x = enter_tp_region(hidden_states, sp, self.tp_group)
         kept = self.sat_select(x)  # [k]
-        rows = torch.cat([kept, kept + self.sat_channels])  # gate rows, then up rows
+        rows = self.sat_state.derived_indices(  # gate rows, then up rows
+            kept, lambda k: torch.cat([k, k + self.sat_channels]))
         fc1 = ops.linear_rows(x, self.linear_fc1.weight, rows, self.linear_fc1.bias)  # [s, b, 2k]
         gate, up = torch.chunk(fc1, 2, dim=-1)
         inter = F.silu(gate) * up  # [s, b, k]

@@ -10,7 +10,7 @@ through :func:`megatron_sat.control.set_sat_iteration`.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,7 @@ class SATLayerState:
         # The selection of the current iteration (§3 rev 2): what ``unit_selection``
         # stored at the first training forward of ``_cache_iteration``.
         self._cache: Optional[Any] = None
+        self._indices: Optional[tuple] = None  # (selection, what the layer derived from it)
         self._cache_iteration: Optional[int] = None
         self._cache_counts = (num_units, num_units)
         # Where to reduce statistics over data parallelism: ``None`` = megatron-core's DP
@@ -99,6 +100,17 @@ class SATLayerState:
         self.last_kept, self.last_total = self._cache_counts
         return self._cache
 
+    def derived_indices(self, selection: Any, build: Callable[[Any], Any]) -> Any:
+        """``build(selection)`` (e.g. the sliced ops' rows and columns), once per selection.
+
+        Why: every micro-batch and recomputed forward of an iteration reuses the cached
+        selection, so the index arithmetic derived from it need not run again either.
+        Keyed on the selection object itself, which a new selection always replaces.
+        """
+        if self._indices is None or self._indices[0] is not selection:
+            self._indices = (selection, build(selection))
+        return self._indices[1]
+
     def store_selection(self, selection: Any) -> None:
         """Keep ``selection`` (index tensors) for the rest of this iteration."""
         self._cache = selection
@@ -122,6 +134,7 @@ class SATLayerState:
 
     def clear_selection(self) -> None:
         self._cache = None
+        self._indices = None
         self._cache_iteration = None
 
     # ------------------------------------------------------------ statistics

@@ -73,9 +73,10 @@ def select_heads(state: SATLayerState, x: torch.Tensor,
         kept_q = select(units, k_q, cfg.selection, cfg.temperature, gen)  # [ng, k_q]
         kept_groups = torch.arange(ng, device=units.device)
         state.record(kept_groups.unsqueeze(1) * q + kept_q, ng * k_q, ng * q)
-    state.store_selection((kept_groups, kept_q))
+    selection = (kept_groups, kept_q)  # the cached object itself, so later calls match it
+    state.store_selection(selection)
     state.selection_timer_stop(x, t0)
-    return kept_groups, kept_q
+    return selection
 
 
 @torch.no_grad()
