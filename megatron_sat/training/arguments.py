@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sat_arguments(p)
     _add_performance_args(p)
-    add_compat_flags(p)  # after the performance flags, which it defers to; sets p.compat_only
+    add_compat_flags(p)  # after the performance flags, which it defers to
     return p
 
 
@@ -319,7 +319,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     """Parse flags into a validated :class:`TrainConfig`; raises :class:`ConfigError`."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    notes, compat_problems = apply_compat(a, parser.compat_only)
+    notes, compat_problems = apply_compat(a)
     problems = compat_problems + _architecture_problems(a)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -30,14 +30,11 @@ def _has(parser: argparse.ArgumentParser, flag: str) -> bool:
 def _add(group, parser, *flags, **kwargs) -> None:
     """Add ``flags`` unless another layer already defines the first of them."""
     if not _has(parser, flags[0]):
-        action = group.add_argument(*flags, **kwargs)
-        parser.compat_only.add(action.dest)
+        group.add_argument(*flags, **kwargs)
 
 
-def add_compat_flags(parser: argparse.ArgumentParser) -> frozenset:
-    """Add the compatibility flags; returns the dests only this layer defines (the ones
-    whose behaviour the trainer does not implement itself)."""
-    parser.compat_only = set()
+def add_compat_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the compatibility flags the trainer does not define itself."""
     g = parser.add_argument_group(
         "Megatron-LM / Megatron-DeepSpeed compatibility",
         "Accepted so existing launch scripts run unchanged; what each one does here is "
@@ -55,13 +52,8 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> frozenset:
          help="must be 0 (Llama pre-training uses no dropout; SAT layers have none)")
     _add(g, parser, "--hidden-dropout", type=float, default=0.0,
          help="must be 0 (Llama pre-training uses no dropout; SAT layers have none)")
-    # Activation recomputation (Megatron-DeepSpeed's activation-checkpointing block).
-    _add(g, parser, "--recompute-granularity", choices=("full", "selective"), default=None,
-         help="activation recomputation granularity")
-    _add(g, parser, "--recompute-method", choices=("uniform", "block"), default=None,
-         help="activation recomputation method")
-    _add(g, parser, "--recompute-num-layers", type=int, default=None,
-         help="layers per recomputation chunk")
+    # Megatron-DeepSpeed's activation-checkpointing block; --recompute-* themselves are the
+    # trainer's own flags (training/feature_arguments.py).
     _add(g, parser, "--deepspeed-activation-checkpointing", action="store_true",
          help="Megatron-DeepSpeed's switch for DeepSpeed's activation checkpointing")
     _add(g, parser, "--checkpoint-activations", action="store_true",
@@ -71,20 +63,10 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> frozenset:
     _add(g, parser, "--wandb-exp-name", default=None, help="W&B run name")
     _add(g, parser, "--wandb-save-dir", default=None, help="W&B local directory")
     _add(g, parser, "--wandb-entity", default=None, help="W&B entity (team)")
-    return frozenset(parser.compat_only)
 
 
-def _given(a, name):
-    return getattr(a, name, None) not in (None, False)
-
-
-def apply_compat(a: argparse.Namespace, compat_only: frozenset) -> tuple[list[str], list[str]]:
-    """Resolve compatibility flags in ``a`` in place.
-
-    ``compat_only`` names the flags that only this layer defines (from
-    :func:`add_compat_flags`); flags the trainer defines itself are implemented there and
-    not reported as accepted-only. Returns ``(notes for the log, problems)``.
-    """
+def apply_compat(a: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Resolve compatibility flags in ``a`` in place; returns ``(notes for the log, problems)``."""
     notes, problems = [], []
     if getattr(a, "pipeline_model_parallel_size", 1) != 1:
         problems.append(f"--pipeline-model-parallel-size {a.pipeline_model_parallel_size} "
@@ -117,22 +99,15 @@ def apply_compat(a: argparse.Namespace, compat_only: frozenset) -> tuple[list[st
             notes.append(f"--use-distributed-optimizer: covered by --zero-stage {a.zero_stage}")
     if a.checkpoint_activations and a.recompute_granularity is None:
         a.recompute_granularity, a.recompute_method = "full", a.recompute_method or "uniform"
-    recompute = [f for f in ("recompute_granularity", "recompute_method", "recompute_num_layers",
-                             "deepspeed_activation_checkpointing") if _given(a, f)]
-    not_here = [f for f in recompute if f in compat_only]
-    if not_here:
-        notes.append("activation recomputation flags (" + ", ".join(
-            "--" + f.replace("_", "-") for f in not_here) + ") accepted; this build "
-            "trains without recomputation (activations are kept)")
-    if a.recompute_granularity == "full" and a.recompute_num_layers is None \
-            and "recompute_num_layers" not in compat_only:
+    if a.deepspeed_activation_checkpointing:
+        notes.append("--deepspeed-activation-checkpointing: recomputation follows "
+                     "--recompute-granularity/--recompute-method through megatron-core's "
+                     "checkpointing" if a.recompute_granularity else
+                     "--deepspeed-activation-checkpointing without --recompute-granularity: "
+                     "activations are kept (no recomputation)")
+    if a.recompute_granularity == "full" and a.recompute_num_layers is None:
         # Megatron-DeepSpeed's default (its llama2 script gives no --recompute-num-layers):
         # uniform: every layer is its own recomputed chunk; block: the first layer.
         a.recompute_num_layers = 1
         notes.append("--recompute-num-layers 1 (Megatron-DeepSpeed's default)")
-    if "recompute_method" in compat_only:  # else PerformanceConfig validates them
-        if a.recompute_method is not None and a.recompute_granularity is None:
-            problems.append("--recompute-method needs --recompute-granularity full")
-        if a.recompute_granularity == "selective" and a.recompute_method is not None:
-            problems.append("--recompute-method applies to --recompute-granularity full only")
     return notes, problems
