@@ -160,18 +160,24 @@ class SATAttentionMixin(_SATModuleMixin):
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         return self._sat_forward(hidden_states, position_embeddings, attention_mask)
 
+    def _sat_q_rows(self, selection) -> torch.Tensor:
+        """Rows of q_proj (and columns of o_proj) of the kept query heads, ``[g' * k_q * d]``."""
+        kept_groups, kept_q = selection
+        d = self.head_dim
+        q_heads = kept_groups[:, None] * self.sat_q_per_group + kept_q  # [g', k_q] head ids
+        return (q_heads[:, :, None] * d + torch.arange(d, device=kept_q.device)).reshape(-1)
+
     @_autocast_off
     def _sat_forward(self, hidden_states, position_embeddings, attention_mask, dtype=None):
         # hidden_states: [b, s, h], the normalised input of q/k/v_proj.
         # A KV cache passed in training is left untouched: it only serves generation,
         # which runs in eval mode, where this layer is the stock layer.
-        kept_groups, kept_q = self.sat_select(hidden_states)
+        selection = self.sat_select(hidden_states)
+        kept_groups, kept_q = selection
         g, k_q = kept_q.shape
         q, d = self.sat_q_per_group, self.head_dim
         b, s = hidden_states.shape[:2]
-        offs = torch.arange(d, device=kept_q.device)
-        q_heads = kept_groups[:, None] * q + kept_q  # [g', k_q] query-head ids
-        q_rows = (q_heads[:, :, None] * d + offs).reshape(-1)  # [g' * k_q * d]
+        q_rows = self.sat_state.derived_indices(selection, self._sat_q_rows)  # [g' * k_q * d]
         w = {n: (_param(m.weight, dtype), _param(m.bias, dtype)) for n, m in (
             ("q", self.q_proj), ("k", self.k_proj), ("v", self.v_proj), ("o", self.o_proj))}
         query = ops.linear_rows(hidden_states, w["q"][0], q_rows, w["q"][1])
