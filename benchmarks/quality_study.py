@@ -47,22 +47,16 @@ def resolve_preset(a):
     return dataclasses.replace(PRESETS[a.preset], **changes)
 
 
-def run_study(a) -> dict:
-    preset = resolve_preset(a)
-    variants = select_variants(a.variants)
-    out = os.path.abspath(a.output_dir)
-    work = os.path.join(out, "work")
-    os.makedirs(work, exist_ok=True)
-    run = Runner(work, verbose=not a.quiet)
+def prepare(a, preset, run: Runner, say) -> dict:
+    """Stages 1-3 (data split, base model, vocabulary extension), cached; what CPT needs.
+
+    Shared with ``quality_sweep.py``, which trains from the same extended checkpoint.
+    """
     from megatron_sat.tools.fetch_demo_data import fetch_demo_data
 
+    work = run.work
     demo = fetch_demo_data(a.cache_dir, log=lambda s: None)
     base_tok = str(demo.tokenizer_model)
-    t_start = time.time()
-
-    def say(msg):
-        if not a.quiet:
-            print(f"==> {msg}", flush=True)
 
     # 1. data split (cheap; cached for stable inputs to every later key)
     data = Stage(work, "data", {"p": [preset.a_train_lines, preset.b_train_lines,
@@ -147,6 +141,48 @@ def run_study(a) -> dict:
     # checkpoint's own size so both agree whatever padding the resize recorded.
     ckpt_vocab = ["--vocab-size", ext.result()["checkpoint_vocab_size"]]
     b_data = ext.path("b_text_document")
+    return {"heldout": heldout, "base": b, "ext": ext, "tok": tok, "b_data": b_data,
+            "ckpt_vocab": ckpt_vocab}
+
+
+def cpt_stage(work: str, name: str, prep: dict, flags: list, seed: int, preset,
+              eval_iters: int) -> Stage:
+    """The cached stage of one CPT run; its key is everything the run depends on."""
+    return Stage(work, name, {"ext": prep["ext"].key, "flags": flags, "seed": seed,
+                              "iters": preset.cpt_iters, "lr": preset.cpt_lr, "timing": 1,
+                              "eval": [preset.eval_interval, eval_iters], "v": 1})
+
+
+def train_cpt(run: Runner, st: Stage, prep: dict, preset, flags: list, seed: int,
+              eval_iters: int) -> None:
+    """Continual pre-training on domain B from the extended checkpoint (one JSONL record
+    per iteration, so the report can rebuild wall time and the omission rate)."""
+    ext = prep["ext"]
+    run("pretrain_llama.py",
+        trainer_flags(preset, prep["tok"], prep["b_data"], preset.cpt_iters, preset.cpt_lr,
+                      seed, ext.dir)
+        + ["--load", ext.path("megatron"), "--finetune", "--save", st.path("ckpt"),
+           "--log-interval", 1, "--eval-interval", preset.eval_interval,
+           "--eval-iters", eval_iters, "--timing-log-level", 1,
+           "--metrics-file", st.path("metrics.jsonl")] + prep["ckpt_vocab"] + flags,
+        st.path("train.log"))
+
+
+def run_study(a) -> dict:
+    preset = resolve_preset(a)
+    variants = select_variants(a.variants)
+    out = os.path.abspath(a.output_dir)
+    work = os.path.join(out, "work")
+    os.makedirs(work, exist_ok=True)
+    run = Runner(work, verbose=not a.quiet)
+    t_start = time.time()
+
+    def say(msg):
+        if not a.quiet:
+            print(f"==> {msg}", flush=True)
+
+    prep = prepare(a, preset, run, say)
+    b, ext, tok, heldout = prep["base"], prep["ext"], prep["tok"], prep["heldout"]
 
     # 4. CPT runs, seeds interleaved so a change in machine load hits every variant alike
     jobs = [(v, s) for s in range(max(len(seeds_of(v, preset)) for v in variants))
@@ -154,22 +190,12 @@ def run_study(a) -> dict:
     runs = []
     for k, (v, seed) in enumerate(jobs, 1):
         flags = sat_flags(v, preset.cpt_iters)
-        st = Stage(work, f"cpt-{v.name}-s{seed}", {"ext": ext.key, "flags": flags,
-                                                   "seed": seed, "iters": preset.cpt_iters,
-                                                   "lr": preset.cpt_lr, "timing": 1,
-                                                   "eval": [preset.eval_interval,
-                                                            preset.eval_iters], "v": 1})
+        st = cpt_stage(work, f"cpt-{v.name}-s{seed}", prep, flags, seed, preset,
+                       preset.eval_iters)
         if not st.done:
             say(f"[{k}/{len(jobs)}] CPT {v.name} seed {seed}: {preset.cpt_iters} iterations")
             st.start()
-            run("pretrain_llama.py",
-                trainer_flags(preset, tok, b_data, preset.cpt_iters, preset.cpt_lr, seed,
-                              ext.dir)
-                + ["--load", ext.path("megatron"), "--finetune", "--save", st.path("ckpt"),
-                   "--log-interval", 1, "--eval-interval", preset.eval_interval,
-                   "--eval-iters", preset.eval_iters, "--timing-log-level", 1,
-                   "--metrics-file", st.path("metrics.jsonl")] + ckpt_vocab + flags,
-                st.path("train.log"))
+            train_cpt(run, st, prep, preset, flags, seed, preset.eval_iters)
             ppl = eval_ppl(run, st.path("ckpt"), tok, heldout, preset, st.path("ppl.json"),
                            st.path("eval.log"))
             if not a.keep_checkpoints:

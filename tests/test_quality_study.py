@@ -105,3 +105,41 @@ def test_every_variant_trains_through_the_trainer(tiny_data, monkeypatch):
             assert rates[-1] == 0.0, v.name  # LORS ends dense
         else:
             assert set(rates) == {rho}, v.name
+
+
+def test_sweep_settings_change_one_thing_and_pair_with_dense():
+    """quality_sweep.py: each setting's flags give the SATConfig it names (through the
+    trainer's own parser), the recommended one equals the study's ``sat`` variant, and
+    the paired gaps and the equal-CPU-time comparison match a hand computation."""
+    from quality_sweep import SETTINGS, setting_flags, summarise
+
+    from megatron_sat.training.arguments import build_parser
+    from megatron_sat.training.feature_arguments import sat_config_from_args
+
+    iters = 200
+    sat = next(v for v in VARIANTS if v.name == "sat")
+    by = {s.name: s for s in SETTINGS}
+    assert setting_flags(by["recommended"], iters) == sat_flags(sat, iters)
+    assert setting_flags(by["dense"], iters) == []
+    for s in SETTINGS:
+        if s.dense:
+            continue
+        cfg = sat_config_from_args(build_parser().parse_args(
+            TINY + ["--train-iters", str(iters)] + setting_flags(s, iters)), iters, 0)
+        assert (cfg.metric, cfg.selection, cfg.schedule) == ("maxip", "sampling", "ladder")
+        assert (cfg.decay_start, cfg.ladder_rungs, cfg.temperature) == \
+            (int(iters * s.decay_frac), s.rungs, s.temperature), s.name
+
+    def curves(losses, ms):  # validation every 10 steps, 20 steps, ms CPU per step
+        return {"iteration": list(range(1, 21)), "valid_iter": [10, 20],
+                "valid_loss": losses, "cpu_ms_per_iter": ms}
+
+    runs = [{"setting": "dense", "seed": 0, "flags": [], "curves": curves([5.0, 4.0], 100.0)},
+            {"setting": "recommended", "seed": 0, "flags": ["--sat"],
+             "curves": curves([5.5, 4.2], 80.0)}]
+    rows = {r["setting"]: r for r in summarise(runs)}
+    rec = rows["recommended"]
+    assert rec["gap_to_dense"][0] == pytest.approx(0.2)
+    assert rec["cpu_time_speedup"] == pytest.approx(1.25)
+    # the setting used 1600 ms; dense had then done 16 steps: loss 5 - 0.6 = 4.4
+    assert rec["equal_time_gap"][0] == pytest.approx(4.2 - 4.4)
