@@ -58,6 +58,8 @@ PRESETS = {
     # Checked 2026-11-29 with `--preset cpu --variants dense --cpt-iters 4 --seeds 1` on one
     # thread: the base stage took 734 s and reached held-out reviews ppl 75.8 (unigram
     # baseline 418.6); HF round trip max |dlogit| 9.5e-06; eval_ppl ~35 s per checkpoint.
+    # Recorded 2026-11-29 on both cores (docs/QUALITY.md): the 15 CPT runs with their
+    # evaluation took 35 min (base stage cached); ~45-50 min from scratch.
     "cpu": Preset(
         model=("--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "4096",
                "--num-attention-heads", "4"),

@@ -57,9 +57,9 @@ class Setting:
 
 SETTINGS = (
     Setting("dense", "dense", dense=True),
-    Setting("recommended", "recommended (t_s = 50%, 4 rungs, T 0.5)"),
-    Setting("start25", "decay from 25% of the run", decay_frac=0.25),
-    Setting("start0", "decay from the first step", decay_frac=0.0),
+    Setting("recommended", "study's recommended: t_s = 50%, 4 rungs, T 0.5"),
+    Setting("start25", "t_s = 25%", decay_frac=0.25),
+    Setting("start0", "t_s = 0 (the --sat-decay-start default)", decay_frac=0.0),
     Setting("rungs2", "2 rungs", rungs=2),
     Setting("rungs8", "8 rungs", rungs=8),
     Setting("t025", "T 0.25 (closer to top-k)", temperature=0.25),
