@@ -39,9 +39,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from quality_plan import PRESETS, RECOMMENDED, Variant, sat_flags  # noqa: E402
-from quality_report import _interp, read_curves  # noqa: E402
+from quality_report import _interp, _ms, read_curves  # noqa: E402
 from quality_steps import Runner, StudyError, machine  # noqa: E402
-from quality_study import cpt_stage, prepare, resolve_preset, train_cpt  # noqa: E402
+from quality_study import cpt_stage, prepare, train_cpt  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,6 @@ def setting_flags(s: Setting, iters: int) -> list:
     if s.temperature != 0.5:
         flags += ["--sat-temperature", str(s.temperature)]
     return flags + list(s.extra)
-
-
-def _ms(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
 def summarise(runs: list) -> list:
@@ -169,7 +162,6 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    a.base_iters = a.cpt_iters = None
     names = [n.strip() for n in (a.settings or ",".join(SETTING_NAMES)).split(",") if n.strip()]
     unknown = [n for n in names if n not in SETTING_NAMES]
     if unknown:
@@ -189,8 +181,7 @@ def main(argv=None) -> int:
     cmd = shlex.join(cmd)
     print(f"SAT schedule sweep, preset {a.preset}; rerun with:\n  {cmd}", flush=True)
 
-    seeds, a.seeds = a.seeds, None  # resolve_preset's override is the study's, not ours
-    preset = resolve_preset(a)
+    preset = PRESETS[a.preset]  # the study's own sizes, so its cached stages are reused
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
     run = Runner(work, verbose=not a.quiet)
@@ -200,7 +191,7 @@ def main(argv=None) -> int:
     try:
         prep = prepare(a, preset, run, say)
         settings = [s for s in SETTINGS if s.name in names]
-        jobs = [(s, seed) for seed in range(seeds) for s in settings]
+        jobs = [(s, seed) for seed in range(a.seeds) for s in settings]
         runs = []
         for k, (s, seed) in enumerate(jobs, 1):
             flags = setting_flags(s, preset.cpt_iters)

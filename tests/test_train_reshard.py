@@ -19,12 +19,17 @@ def _losses(path):
     return {r["iteration"]: r["lm_loss"] for r in read_metrics(path) if r["kind"] == "train"}
 
 
+def _flags(data: str, tmp_path, iters: int) -> list:
+    """The trainer flags both re-sharding tests share (micro-batch 1, global batch 4)."""
+    return TINY[:-2] + ["--micro-batch-size", "1", "--data-path", data, "--split", "90,10,0",
+                        "--data-cache-path", tmp_path / "cache", "--global-batch-size", "4",
+                        "--train-iters", str(iters), "--lr", "5e-3", "--lr-warmup-iters", "1",
+                        "--log-interval", "1", "--eval-iters", "0"]
+
+
 def test_resume_dp2_checkpoint_at_dp1_and_dp4(tmp_path):
     data = make_data(str(tmp_path / "data"))
-    common = TINY[:-2] + ["--micro-batch-size", "1", "--data-path", data, "--split", "90,10,0",
-                          "--data-cache-path", tmp_path / "cache", "--global-batch-size", "4",
-                          "--train-iters", "6", "--lr", "5e-3", "--lr-warmup-iters", "1",
-                          "--log-interval", "1", "--eval-iters", "0"]
+    common = _flags(data, tmp_path, iters=6)
     run_trainer(common + ["--zero-stage", "1", "--save", tmp_path / "ckpt", "--save-interval", "3",
                           "--metrics-file", tmp_path / "dp2.jsonl"], launcher="torchrun", nproc=2)
     ref = _losses(tmp_path / "dp2.jsonl")
@@ -55,10 +60,7 @@ def test_resume_dp2_zero0_checkpoint_at_dp1_zero2(tmp_path):
     """ZeRO-0 keeps the full optimizer state in DeepSpeed's model-state file, which is
     re-sharded from there (no second copy is stored; ckpt_format.py)."""
     data = make_data(str(tmp_path / "data"))
-    common = TINY[:-2] + ["--micro-batch-size", "1", "--data-path", data, "--split", "90,10,0",
-                          "--data-cache-path", tmp_path / "cache", "--global-batch-size", "4",
-                          "--train-iters", "5", "--lr", "5e-3", "--lr-warmup-iters", "1",
-                          "--log-interval", "1", "--eval-iters", "0"]
+    common = _flags(data, tmp_path, iters=5)
     run_trainer(common + ["--zero-stage", "0", "--save", tmp_path / "ckpt", "--save-interval", "3",
                           "--metrics-file", tmp_path / "ref.jsonl"], launcher="torchrun", nproc=2)
     ref = _losses(tmp_path / "ref.jsonl")
